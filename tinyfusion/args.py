@@ -1,0 +1,78 @@
+"""Command-line argument groups shared by the scripts, so a flag means one thing everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Sequence
+
+from models import DiT_models
+
+from .precision import PRECISIONS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the script's docstring as description and defaults shown in --help."""
+
+    def __init__(self, doc: str | None, **kwargs):
+        super().__init__(description=doc, formatter_class=_Formatter, allow_abbrev=False, **kwargs)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def parse_index_list(tokens: Sequence[str] | str, name: str = "--kept-indices") -> list[int]:
+    """Integers from `0 2 4`, `0,2,4` or the bracketed form users copy, `"[0, 2, 4]"`.
+
+    Raises:
+        ValueError: naming the flag and the token that is not an integer.
+    """
+    text = " ".join(tokens) if not isinstance(tokens, str) else tokens
+    parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not re.fullmatch(r"-?\d+", p))
+        raise ValueError(f"{name}: {bad!r} is not a block index; write integers such as 0 2 4 or \"[0, 2, 4]\"") \
+            from None
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto") -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                       help="auto uses CUDA when a GPU is visible; the GPU is LOCAL_RANK under torchrun")
+    group.add_argument("--precision", choices=["auto", *PRECISIONS], default=precision_default,
+                       help="autocast precision; auto is bf16 on CUDA GPUs that support it, else fp32")
+    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="allow TF32 matmuls on Ampere+ GPUs")
+    group.add_argument("--global-seed", type=int, default=0)
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt", ckpt_required: bool = False,
+                   allow_gated: bool = False) -> None:
+    """--model (a registry name), the checkpoint flag, --weights and --num-heads."""
+    choices = list(DiT_models) if allow_gated else [n for n in DiT_models if "/" in n]
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=choices, default=None, metavar="NAME",
+                       help="registry model; optional when the checkpoint describes itself. "
+                            f"Choices: {', '.join(choices)}")
+    group.add_argument(ckpt_flag, type=str, required=ckpt_required, default=None,
+                       help="checkpoint: official DiT weights, a training checkpoint, a TinyFusion or "
+                            "toolkit file, or .safetensors")
+    group.add_argument("--weights", choices=["ema", "model"], default="ema",
+                       help="which weights of a training checkpoint to use")
+    group.add_argument("--num-heads", type=int, default=None,
+                       help="head count, for plain state dicts of non-official widths")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4.0, steps_default: int = 250) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--cfg-scale", type=float, default=cfg_default,
+                       help="classifier-free guidance scale; 1.0 disables guidance")
+    group.add_argument("--guide-all-channels", action="store_true",
+                       help="guide every noise channel (the official code guides the first 3 only)")
+    group.add_argument("--num-sampling-steps", type=int, default=steps_default)
+    group.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    group.add_argument("--vae", type=str, default="ema",
+                       help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixels)")

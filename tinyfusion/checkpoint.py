@@ -1,0 +1,369 @@
+"""One safe loader for every checkpoint a user holds, and self-describing files for what we write.
+
+Read (always with `weights_only=True`; a pickle that would run code is refused):
+- official DiT releases: a plain state dict (`DiT-XL-2-256x256.pt`);
+- training checkpoints of DiT and TinyFusion: {"model", "ema", "opt", "args"}, where "args" is an
+  argparse.Namespace (the one class allowed beyond tensors and plain containers);
+- TinyFusion's pruned files: a plain state dict of the shallow model, possibly with its gate
+  tensors beside the weights;
+- safetensors files;
+- our own files (below).
+
+Our files record the architecture and constructor arguments beside the weights, and for pruned
+models their lineage (which original block each block came from, and the source file), so any
+script rebuilds the model from the file alone. Writes are atomic: a temporary file, then rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from models import GATED_PRESETS, KNOWN_NUM_HEADS, DiT_models, GatedModel, build_architecture, compose_kept_indices
+
+FORMAT = "tinyfusion-toolkit"
+FORMAT_VERSION = 1
+SAFETENSORS_METADATA_KEY = "tinyfusion"
+
+# Prefixes that wrappers add to parameter names: DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Tensors that TinyFusion's gated training stored beside the weights; they are not model weights.
+_GATE_KEY = re.compile(r"^(gumbel_gates|options)(\.|$)")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model rebuilt from a file, with what the file says about it.
+
+    Attributes:
+        model: the model, on CPU, in eval mode, weights loaded.
+        arch: architecture name (a key of models.ARCHITECTURES).
+        config: the constructor's keyword arguments.
+        lineage: for pruned models, {"kept_indices": original block of each block, "source_depth",
+            "source": {"path", "sha256"}, "method"}; None for unpruned models.
+        weights: which weights were read: "ema", "model" or "plain".
+        path: the file.
+        extra: anything else the file recorded (settings, decisions).
+    """
+
+    model: nn.Module
+    arch: str
+    config: dict
+    lineage: dict | None
+    weights: str
+    path: str
+    extra: dict
+
+
+#################################################################################
+#                                  Reading files                                #
+#################################################################################
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a .pt/.pth/.bin (pickle, safely) or .safetensors file into a dict.
+
+    Raises:
+        ValueError: the file is missing, unreadable, not a dict, or holds objects that unpickling
+            would have to run code for.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; check the path "
+                         f"(official DiT weights: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it holds pickled Python objects beyond tensors and plain "
+            f"containers, which could run code when loaded ({_first_line(e)}). Load it only if you trust "
+            "it, re-save its state_dict() alone, and pass that file instead") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_first_line(e)}. Is the file complete "
+                         "(not truncated by an interrupted download or copy)?") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read safetensors file {str(path)!r}: {e}") from None
+    if SAFETENSORS_METADATA_KEY in metadata:
+        record = json.loads(metadata[SAFETENSORS_METADATA_KEY])
+        record["model"] = tensors
+        return record
+    return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def is_self_describing(obj: dict) -> bool:
+    return obj.get("format") == FORMAT
+
+
+def select_state_dict(obj: dict, weights: str = "ema", path: str = "checkpoint") -> tuple[dict, str]:
+    """The model weights of a checkpoint dict, wrapper prefixes stripped.
+
+    Args:
+        obj: what `read_checkpoint` returned.
+        weights: "ema" (preferred when present, else "model") or "model".
+        path: the file's name, for messages.
+    Returns:
+        (state dict, which): which is "ema", "model" or "plain".
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if "model" in obj or "ema" in obj:
+        which = "ema" if weights == "ema" and obj.get("ema") is not None else "model"
+        if obj.get(which) is None:
+            present = sorted(k for k in obj if obj[k] is not None)
+            raise ValueError(f"{path} has no {which!r} weights; it holds {present}")
+        state_dict = obj[which]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        which, state_dict = "model", obj["state_dict"]
+    else:
+        which, state_dict = "plain", obj
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors under {which!r}")
+    return strip_prefixes(state_dict), which
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Removes `module.` (DDP) and `_orig_mod.` (torch.compile) from parameter names."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+            key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+#################################################################################
+#                            Architecture of a state dict                       #
+#################################################################################
+
+def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
+    """DiT constructor arguments read from the tensor shapes of an official-layout state dict.
+
+    The head count leaves no trace in the shapes: it comes from `num_heads`, else from the
+    official widths (384: 6, 768: 12, 1024 and 1152: 16).
+    Raises:
+        ValueError: a state dict that is not a DiT's, or an unknown width and no head count.
+    """
+    required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight"]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"the weights are not a DiT's: missing {missing}")
+    proj = state_dict["x_embedder.proj.weight"]  # (D, C_in, p, p)
+    hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+    num_patches = state_dict["pos_embed"].shape[1]
+    grid = math.isqrt(num_patches)
+    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
+    mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden_size
+    if num_heads is None:
+        num_heads = KNOWN_NUM_HEADS.get(hidden_size)
+        if num_heads is None:
+            raise ValueError(f"a DiT of width {hidden_size} is not an official size, and the head count "
+                             "cannot be read from the weights: pass it (--num-heads)")
+    return dict(
+        input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size,
+        class_dropout_prob=0.1, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def registry_spec(name: str) -> tuple[dict, str | None]:
+    """What a registry name fixes: (architecture fields, N:M groups or None)."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiT_models)}")
+    groups = None
+    if name in GATED_PRESETS:
+        name, groups = GATED_PRESETS[name]
+    return dict(DiT_models[name].fixed), groups
+
+
+def config_differences(expected: dict, found: dict) -> list[str]:
+    """Fields of `expected` whose value differs in `found`, as readable lines."""
+    return [f"{k}: the model name says {expected[k]!r}, the checkpoint has {found.get(k)!r}"
+            for k in expected if found.get(k) != expected[k]]
+
+
+#################################################################################
+#                                  Loading models                               #
+#################################################################################
+
+def load_model(path: str | os.PathLike, model_name: str | None = None, *, weights: str = "ema",
+               num_heads: int | None = None, groups: str | None = None) -> LoadedModel:
+    """Rebuilds a model from any checkpoint a user holds.
+
+    Args:
+        path: the file.
+        model_name: optional registry name; it must agree with the file (a clear error lists the
+            fields that differ). Needed only for a plain state dict of a non-official width
+            (else give num_heads). A gated name (e.g. DiT-XL-1-2) wraps the loaded model in its gates.
+        weights: "ema" (preferred when present) or "model".
+        num_heads: head count for plain state dicts of non-official widths.
+        groups: N:M groups to wrap the model in (overrides a gated name's preset).
+    Returns:
+        a LoadedModel (the model on CPU, eval mode).
+    """
+    path = str(path)
+    obj = read_checkpoint(path)
+    state_dict, which = select_state_dict(obj, weights, path)
+    ignored = sorted(k for k in state_dict if _GATE_KEY.match(k))
+    state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
+
+    fixed, preset_groups = registry_spec(model_name) if model_name else ({}, None)
+    if is_self_describing(obj):
+        arch, config = obj["arch"], dict(obj["config"])
+    else:
+        arch = "DiT"
+        config = infer_dit_config(state_dict, num_heads or fixed.get("num_heads"))
+    differences = config_differences(fixed, config)
+    if differences:
+        raise ValueError(f"--model {model_name} does not match {path}:\n  " + "\n  ".join(differences)
+                         + "\nDrop --model to use the architecture the file describes, or pass the matching name.")
+
+    model = build_architecture(arch, config)
+    _load_weights(model, state_dict, path)
+    model.eval()
+    groups = groups or preset_groups
+    if groups is not None:
+        model = GatedModel(model, groups)
+    extra = dict(obj.get("extra") or {}) if is_self_describing(obj) else {}
+    if ignored:
+        extra["ignored_keys"] = ignored
+    if not is_self_describing(obj) and isinstance(obj.get("args"), argparse.Namespace):
+        extra["args"] = vars(obj["args"])
+    return LoadedModel(model=model, arch=arch, config=config, lineage=obj.get("lineage") if is_self_describing(obj)
+                       else None, weights=which, path=path, extra=extra)
+
+
+def _load_weights(model: nn.Module, state_dict: dict, path: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                lines.append(f"{title} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+        raise ValueError(f"the weights in {path} do not fit the model:\n  " + "\n  ".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+#################################################################################
+#                                  Writing files                                #
+#################################################################################
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def model_record(model: nn.Module, *, ema: nn.Module | None = None, lineage: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """The self-describing dict of a model: format, architecture, config, weights and lineage."""
+    inner = model.model if isinstance(model, GatedModel) else model
+    record = {
+        "format": FORMAT, "version": FORMAT_VERSION, "arch": inner.arch, "config": dict(inner.config),
+        "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+        "lineage": lineage, "extra": extra or {},
+    }
+    if ema is not None:
+        ema_inner = ema.model if isinstance(ema, GatedModel) else ema
+        record["ema"] = {k: v.detach().cpu() for k, v in ema_inner.state_dict().items()}
+    return record
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, *, ema: nn.Module | None = None,
+               lineage: dict | None = None, extra: dict | None = None) -> None:
+    """Writes a self-describing model file (.pt, or .safetensors with the description as metadata)."""
+    record = model_record(model, ema=ema, lineage=lineage, extra=extra)
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        weights = record.pop("ema", None) or record.pop("model")
+        record.pop("model", None)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
+                  metadata={SAFETENSORS_METADATA_KEY: json.dumps(record)})
+        os.replace(tmp, path)
+    else:
+        atomic_save(record, path)
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) -> dict:
+    """The lineage of a model made of `kept_indices` of `source` (composed if `source` was pruned)."""
+    source_lineage = source.lineage or {}
+    original = compose_kept_indices(source_lineage.get("kept_indices"), kept_indices)
+    return {
+        "kept_indices": original,
+        "source_depth": source_lineage.get("source_depth", source.config["depth"]),
+        "source": {"path": os.path.abspath(source.path), "sha256": file_sha256(source.path)},
+        "method": method,
+        "parent": copy.deepcopy(source.lineage),
+    }
+
+
+__all__ = [
+    "FORMAT", "LoadedModel", "atomic_save", "config_differences", "file_sha256",
+    "infer_dit_config", "is_self_describing", "load_model", "model_record", "pruned_lineage",
+    "read_checkpoint", "registry_spec", "save_model", "select_state_dict", "strip_prefixes",
+]

@@ -1,0 +1,130 @@
+"""Weight updates that simulate the fine-tuning to come: LoRA (through peft) or full weights.
+
+TinyFusion trains these jointly with the layer gates and then throws them away: they only make
+the decision aware of how well each candidate recovers. The same helpers serve anyone who wants
+to fine-tune with LoRA and ship merged weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch.nn as nn
+
+# Every Linear of a DiT block: attention, MLP and the adaLN modulation.
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+
+
+def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """Full names of the Linear layers inside `model.blocks` whose name within the block matches a target.
+
+    A target matches the end of the name within its block ("attn.qkv", "fc1") or, written as
+    "re:<pattern>", a regular expression over that name.
+    Raises:
+        ValueError: when a target matches no Linear layer (a typo would otherwise train nothing).
+    """
+    names, hits = [], {t: 0 for t in targets}
+    blocks_prefix = _blocks_prefix(model)
+    for index, block in enumerate(model.blocks):
+        for name, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            matched = [t for t in targets if _matches(t, name)]
+            for t in matched:
+                hits[t] += 1
+            if matched:
+                names.append(f"{blocks_prefix}{index}.{name}")
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no Linear layer of the blocks; "
+                         f"the block Linears are named like {_example_names(model)}")
+    return names
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
+             targets: Sequence[str] = DEFAULT_TARGETS) -> list[nn.Parameter]:
+    """Injects LoRA adapters (peft) into the block Linears, in place; returns the adapter parameters.
+
+    Every other parameter of `model` is frozen. The update of a layer is (alpha / rank) * B A with
+    B zero-initialised, so the model's output is unchanged until training moves B.
+
+    Args:
+        model: the model to adapt (modified in place).
+        rank: the LoRA rank r.
+        alpha: the LoRA scale numerator; 2 * rank by default, as in TinyFusion.
+        targets: which Linears of each block to adapt (see `block_linear_names`).
+    """
+    from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
+
+    if rank < 1:
+        raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
+                        target_modules=block_linear_names(model, targets), bias="none")
+    inject_adapter_in_model(config, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for name, p in model.named_parameters() if ".lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every LoRA update into its base weight and removes the adapters, in place."""
+    return _unload(model, merge=True)
+
+
+def strip_lora(model: nn.Module) -> nn.Module:
+    """Removes every LoRA adapter without merging: the base weights come back as they were."""
+    return _unload(model, merge=False)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(_is_lora_layer(m) for m in model.modules())
+
+
+def trainable_fraction(model: nn.Module, params: Iterable[nn.Parameter] | None = None) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total counts the base model without LoRA adapters."""
+    all_params = dict(model.named_parameters())
+    total = sum(p.numel() for name, p in all_params.items() if ".lora_" not in name)
+    chosen = [p for p in all_params.values() if p.requires_grad] if params is None else list(params)
+    return sum(p.numel() for p in chosen), total
+
+
+#################################################################################
+#                                     Helpers                                   #
+#################################################################################
+
+def _blocks_prefix(model: nn.Module) -> str:
+    blocks = model.blocks
+    for name, module in model.named_modules():
+        if module is blocks:
+            return f"{name}." if name else ""
+    raise ValueError("the model's `blocks` are not among its submodules")
+
+
+def _matches(target: str, name: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _example_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear)]
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _unload(model: nn.Module, merge: bool) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if not _is_lora_layer(module):
+            continue
+        if merge:
+            module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    return model

@@ -1,0 +1,98 @@
+"""The map between images and what the diffusion model sees: a VAE's latents, or raw pixels.
+
+`--vae ema|mse` names the stabilityai sd-vae-ft autoencoders DiT was trained with (from the local
+Hugging Face cache, or downloaded when online), a folder holds a diffusers AutoencoderKL saved
+with `save_pretrained`, and `none` means a pixel-space model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+class LatentCodec(nn.Module):
+    """Encodes images in [-1, 1] (N, 3, H, W) to model inputs, and decodes them back.
+
+    Args:
+        vae: a diffusers AutoencoderKL, or None for pixel space.
+        name: the spec it was loaded from (recorded in output files).
+    """
+
+    def __init__(self, vae: nn.Module | None, name: str):
+        super().__init__()
+        self.vae = vae
+        self.name = name
+        if vae is None:
+            self.scaling_factor = 1.0
+            self.downsample = 1
+        else:
+            # 0.18215 for the SD VAEs: scales latents to unit variance (LDM, section 4.3.2).
+            self.scaling_factor = float(vae.config.scaling_factor)
+            self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def latent_channels(self, image_channels: int = 3) -> int:
+        return image_channels if self.vae is None else int(self.vae.config.latent_channels)
+
+    def latent_size(self, image_size: int) -> int:
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor "
+                             f"{self.downsample}")
+        return image_size // self.downsample
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+               ) -> torch.Tensor:
+        """Latents of (N, 3, H, W) images in [-1, 1]: a posterior sample times the scaling factor.
+
+        With a list of generators, image i's posterior sample comes from generator i alone.
+        """
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        if generator is None or isinstance(generator, torch.Generator):
+            z = dist.sample(generator=generator)
+        else:
+            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, device=g.device)
+                                 for g in generator]).to(dist.mean)
+            z = dist.mean + dist.std * noise
+        return z.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W), nominally in [-1, 1] (not clamped)."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.float()
+
+
+def load_codec(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:
+    """Loads `--vae`: "ema", "mse", a hub id, a local diffusers folder, or "none" (pixel space).
+
+    Raises:
+        ValueError: the VAE is not on disk and cannot be downloaded, naming what to do instead.
+    """
+    if spec == "none":
+        return LatentCodec(None, "none")
+    from diffusers.models import AutoencoderKL
+
+    source = HUB_VAES.get(spec, spec)
+    local = os.path.isdir(source)
+    if not local and "/" not in source:
+        raise ValueError(f"--vae {spec!r} is neither 'ema', 'mse', 'none', a folder nor a hub id")
+    try:
+        vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        where = (f"the folder {source!r}" if local
+                 else f"{source!r} (not in the local Hugging Face cache, and the hub is unreachable)")
+        raise ValueError(
+            f"cannot load the VAE from {where}: {str(e).splitlines()[0]}. On a machine that is online, run "
+            f"`python -c \"from diffusers.models import AutoencoderKL; AutoencoderKL.from_pretrained('{source}')"
+            ".save_pretrained('vae')\"` and pass --vae vae") from None
+    vae.eval().requires_grad_(False)
+    return LatentCodec(vae, spec).to(device)
