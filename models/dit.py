@@ -340,6 +340,7 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
 #################################################################################
 # Each entry is a factory taking the constructor's keyword arguments. The shallow DiT-D* models
 # have DiT-XL's width and head count with fewer blocks: the shapes TinyFusion prunes XL into.
+# Ti (DeiT-Tiny's widths) and Nano are not official: small models for small data and CPU runs.
 
 def _factory(depth: int, hidden_size: int, patch_size: int, num_heads: int):
     fixed = dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
@@ -350,7 +351,8 @@ def _factory(depth: int, hidden_size: int, patch_size: int, num_heads: int):
     return make
 
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+_SIZES = {"Nano": (8, 96, 4), "Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+          "XL": (28, 1152, 16)}
 
 DiT_models = {
     f"DiT-{size}/{patch}": _factory(depth, width, patch, heads)
@@ -358,6 +360,6 @@ DiT_models = {
 }
 DiT_models.update({f"DiT-D{depth}/2": _factory(depth, 1152, 2, 16) for depth in (19, 14, 7)})
 
-# Head counts of the known widths: an official state dict stores no head count, so loading one
+# Head counts of the registry's widths: a plain state dict stores no head count, so loading one
 # infers it from the width (see tinyfusion.checkpoint).
 KNOWN_NUM_HEADS = {width: heads for _, width, heads in _SIZES.values()}

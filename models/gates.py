@@ -191,7 +191,7 @@ class GatedModel(nn.Module):
         self.gates = LayerGates(parse_groups(groups, depth=len(model.blocks)))
         self._mask: torch.Tensor | None = None  # (B, depth) during a gated call, else None
         for index, block in enumerate(model.blocks):
-            block.register_forward_hook(self._make_hook(index))
+            block.register_forward_hook(_GateHook(self, index))
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -205,17 +205,12 @@ class GatedModel(nn.Module):
     def arch(self) -> str:
         return self.model.arch
 
-    def _make_hook(self, index: int):
-        def hook(block, args, output):
-            if self._mask is None:
-                return output
-            m = self._mask[:, index].view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
-            return m * output + (1 - m) * args[0]
-        return hook
-
     @contextmanager
     def gating(self, batch_size: int, uniform: torch.Tensor | None = None):
         """Within this context, every call of the wrapped model's blocks is gated."""
+        if getattr(self.model, "gradient_checkpointing", False) and self.training:
+            # Recomputation in the backward pass runs outside this context and would not be gated.
+            raise ValueError("layer gates cannot be trained with gradient checkpointing; turn it off")
         if self.training:
             mask = self.gates.sample(batch_size, uniform)
         else:
@@ -237,3 +232,21 @@ class GatedModel(nn.Module):
 
     def decisions(self) -> dict:
         return self.gates.decisions()
+
+
+class _GateHook:
+    """The forward hook of block `index`: h_out = m * block(h_in) + (1 - m) * h_in.
+
+    An object rather than a closure so that deep copies of a GatedModel (EMA, pruning) gate
+    their own blocks with their own gates.
+    """
+
+    def __init__(self, owner: GatedModel, index: int):
+        self.owner, self.index = owner, index
+
+    def __call__(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        mask = self.owner._mask
+        if mask is None:
+            return output
+        m = mask[:, self.index].view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+        return m * output + (1 - m) * args[0]

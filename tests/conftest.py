@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 from models import DiT  # noqa: E402
 
+# Tiny models run fastest on one thread, and several test processes share the CPU.
+torch.set_num_threads(1)
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10)
 
 
@@ -56,3 +59,52 @@ def run_cli(args: list[str], cwd: Path | None = None, nproc: int = 1, timeout: f
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_features(root: Path, latents, labels, num_classes: int) -> Path:
+    """A feature folder in the sharded layout from (N, copies, C, H, W) latents and (N,) labels."""
+    from tinyfusion.features import write_index, write_shard
+
+    write_shard(root, 0, latents, labels)
+    write_index(root, 1, num_classes=num_classes, class_names=[str(i) for i in range(num_classes)], source={})
+    return root
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """A tiny DiT of depth 6 trained on class patterns with blocks 1, 2 and 5 frozen at the identity
+    (adaLN-Zero): blocks 0, 3 and 4 carry the model, one in each pair; the others cost nothing.
+
+    Returns a dict with the features folder ("data"), the checkpoint ("ckpt"), the blocks that
+    matter ("essential") and the training diffusion's inputs for direct checks.
+    """
+    import numpy as np
+
+    from diffusion import create_diffusion
+    from tinyfusion.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal((10, 4, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 10, 256)
+    latents = patterns[labels][:, None] + 0.3 * rng.standard_normal((256, 1, 4, 8, 8)).astype(np.float32)
+    write_features(root / "features", latents, labels, 10)
+
+    torch.manual_seed(0)
+    model = tiny_dit(depth=6, randomize=False)
+    for i in (1, 2, 5):
+        model.blocks[i].requires_grad_(False)  # adaLN-Zero: gates stay 0, the block is the identity
+    diffusion = create_diffusion("")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    x_all, y_all = torch.from_numpy(latents[:, 0]), torch.from_numpy(labels)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, 256, (32,), generator=g)
+        t = torch.randint(0, 1000, (32,), generator=g)
+        loss = diffusion.training_losses(model, x_all[idx], t, dict(y=y_all[idx]))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.requires_grad_(True).eval()
+    save_model(root / "planted.pt", model)
+    return {"data": root / "features", "ckpt": root / "planted.pt", "essential": [0, 3, 4], "model": model}

@@ -144,3 +144,25 @@ def test_gates_wrap_any_block_list():
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(gated(x), tower.blocks[3](tower.blocks[0](x)), atol=0, rtol=0)
+
+
+def test_deep_copies_gate_with_their_own_gates():
+    import copy
+
+    base = tiny_dit(depth=4)
+    gated = GatedModel(base, "2x1:2").eval()
+    twin = copy.deepcopy(gated)
+    with torch.no_grad():
+        for logit, value in zip(twin.gates.logits, ([0.0, 1.0], [0.0, 1.0])):
+            logit.copy_(torch.tensor(value))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 30]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t, y), prune_depth(base, [1, 3]).eval()(x, t, y), atol=0, rtol=0)
+        torch.testing.assert_close(gated(x, t, y), prune_depth(base, [0, 2]).eval()(x, t, y), atol=0, rtol=0)
+
+
+def test_gradient_checkpointing_is_refused_while_gating():
+    gated = GatedModel(tiny_dit(depth=2), "1:2").train()
+    gated.model.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        gated(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]))

@@ -38,7 +38,9 @@ def parse_index_list(tokens: Sequence[str] | str, name: str = "--kept-indices") 
             from None
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto") -> None:
+def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto",
+                     seed_flag: str = "--global-seed") -> None:
+    """--device, --precision, --tf32 and the seed (`seed_flag`: sample.py says --seed, as DiT's does)."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                        help="auto uses CUDA when a GPU is visible; the GPU is LOCAL_RANK under torchrun")
@@ -46,7 +48,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str 
                        help="autocast precision; auto is bf16 on CUDA GPUs that support it, else fp32")
     group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                        help="allow TF32 matmuls on Ampere+ GPUs")
-    group.add_argument("--global-seed", type=int, default=0)
+    group.add_argument(seed_flag, type=int, default=0)
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt", ckpt_required: bool = False,
@@ -73,6 +75,44 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
     group.add_argument("--guide-all-channels", action="store_true",
                        help="guide every noise channel (the official code guides the first 3 only)")
     group.add_argument("--num-sampling-steps", type=int, default=steps_default)
-    group.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    group.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
+                       help="ancestral DDPM, DDIM (eta 0), or diffusers' DPM-Solver++ 2M")
     group.add_argument("--vae", type=str, default="ema",
                        help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixels)")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int, ema_decay: float,
+                      lr: float = 1e-4) -> None:
+    """The flags of the one training loop (tinyfusion.engine), shared by the three training scripts."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", type=str, required=True,
+                       help="features folder written by extract_features.py (or the reference layout)")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help="classes of a model trained from scratch; read from the features when omitted")
+    group.add_argument("--num-workers", type=int, default=4)
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--results-dir", type=str, default="results")
+    group.add_argument("--prefix", type=str, default=None,
+                       help="run folder name under --results-dir (default: from the script and model); "
+                            "running the same command again resumes the run in it")
+    group.add_argument("--epochs", type=int, default=None)
+    group.add_argument("--max-steps", type=int, default=None, help="train for this many steps instead of --epochs")
+    group.add_argument("--log-every", type=int, default=100)
+    group.add_argument("--ckpt-every", type=int, default=10_000)
+    group.add_argument("--keep-last", type=int, default=2, help="training checkpoints to keep")
+    group.add_argument("--tensorboard", action="store_true", help="also log to run_dir/tensorboard")
+    group.add_argument("--max-nonfinite-steps", type=int, default=5,
+                       help="stop after this many consecutive steps with a non-finite loss or gradient")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    group.add_argument("--micro-batch-size", type=int, default=None,
+                       help="per-process batch of one forward pass; gradients accumulate up to the "
+                            "per-process share of --global-batch-size (default: all of it at once)")
+    group.add_argument("--lr", type=float, default=lr)
+    group.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
+    group.add_argument("--ema-decay", type=float, default=ema_decay)

@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ import torch
 import torch.nn as nn
 
 from models import GATED_PRESETS, KNOWN_NUM_HEADS, DiT_models, GatedModel, build_architecture, compose_kept_indices
+
+from .fileio import atomic_write
 
 FORMAT = "tinyfusion-toolkit"
 FORMAT_VERSION = 1
@@ -175,7 +176,7 @@ def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
     """DiT constructor arguments read from the tensor shapes of an official-layout state dict.
 
     The head count leaves no trace in the shapes: it comes from `num_heads`, else from the
-    official widths (384: 6, 768: 12, 1024 and 1152: 16).
+    registry's widths (official: 384: 6, 768: 12, 1024 and 1152: 16; small: 96: 4, 192: 3).
     Raises:
         ValueError: a state dict that is not a DiT's, or an unknown width and no head count.
     """
@@ -241,6 +242,10 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     """
     path = str(path)
     obj = read_checkpoint(path)
+    if obj.get("kind") == "pruning":
+        raise ValueError(f"{path} is a prune_by_learning checkpoint (gates and temporary weight updates), not a "
+                         "model: use the pruned model that prune_by_learning.py writes to --save-model (re-run "
+                         "its command to finish the run)")
     state_dict, which = select_state_dict(obj, weights, path)
     ignored = sorted(k for k in state_dict if _GATE_KEY.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
@@ -292,19 +297,7 @@ def _load_weights(model: nn.Module, state_dict: dict, path: str) -> None:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def model_record(model: nn.Module, *, ema: nn.Module | None = None, lineage: dict | None = None,
@@ -327,16 +320,13 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, ema: nn.Module | No
     """Writes a self-describing model file (.pt, or .safetensors with the description as metadata)."""
     record = model_record(model, ema=ema, lineage=lineage, extra=extra)
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         weights = record.pop("ema", None) or record.pop("model")
         record.pop("model", None)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
-                  metadata={SAFETENSORS_METADATA_KEY: json.dumps(record)})
-        os.replace(tmp, path)
+        data = save({k: v.contiguous() for k, v in weights.items()},
+                    metadata={SAFETENSORS_METADATA_KEY: json.dumps(record)})
+        atomic_write(path, lambda f: f.write(data))
     else:
         atomic_save(record, path)
 

@@ -23,13 +23,14 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from .fileio import atomic_write, atomic_write_json
 
 INDEX_FORMAT = "tinyfusion-features"
 INDEX_VERSION = 1
@@ -83,19 +84,6 @@ def shard_done(root: str | os.PathLike, shard_id: int) -> bool:
     return (Path(root) / latents).is_file() and (Path(root) / labels).is_file()
 
 
-def _atomic_npy(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_shard(root: str | os.PathLike, shard_id: int, latents: np.ndarray, labels: np.ndarray) -> None:
     """Writes one shard atomically (labels last: a shard counts as done when both files exist).
 
@@ -106,8 +94,8 @@ def write_shard(root: str | os.PathLike, shard_id: int, latents: np.ndarray, lab
         raise ValueError(f"a shard needs latents (n, copies, C, H, W) and labels (n,); got {latents.shape} "
                          f"and {labels.shape}")
     latents_name, labels_name = shard_names(shard_id)
-    _atomic_npy(latents, Path(root) / latents_name)
-    _atomic_npy(labels.astype(np.int64), Path(root) / labels_name)
+    atomic_write(Path(root) / latents_name, lambda f: np.save(f, latents))
+    atomic_write(Path(root) / labels_name, lambda f: np.save(f, labels.astype(np.int64)))
 
 
 def write_index(root: str | os.PathLike, num_shards: int, *, num_classes: int, class_names: list[str],
@@ -126,10 +114,7 @@ def write_index(root: str | os.PathLike, num_shards: int, *, num_classes: int, c
     index = FeatureIndex(num_images=sum(s["count"] for s in shards), shards=shards, latent_shape=shape,
                          copies=copies, dtype=dtype, num_classes=num_classes, class_names=class_names,
                          source=source)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".index.json.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(index.to_json(), f, indent=1)
-    os.replace(tmp, root / "index.json")
+    atomic_write_json(root / "index.json", index.to_json())
     return index
 
 

@@ -1,0 +1,68 @@
+r"""Encode an ImageFolder into VAE latents, in the sharded feature layout that training reads.
+
+Usage:
+    torchrun --nproc_per_node=8 extract_features.py --model DiT-XL/2 \
+        --data-path data/imagenet/train --features-path data/imagenet_encoded
+    python extract_features.py --vae none --no-flip --image-size 8 --data-path data/digits \
+        --features-path data/digits_pixels
+
+Each image is ADM-center-cropped to --image-size and stored with its horizontal mirror (--no-flip
+stores the image alone). Re-running the same command after an interruption finishes the job,
+skipping the shards already written; the result is the same for any number of processes.
+"""
+
+import argparse
+
+from models import DiT_models
+from tinyfusion.args import Parser, add_runtime_args
+from tinyfusion.distributed import cleanup, create_logger, init_distributed
+from tinyfusion.extraction import check_model_inputs, extract_features
+from tinyfusion.images import list_image_folder
+from tinyfusion.precision import enable_tf32, resolve_precision
+from tinyfusion.vae import load_codec
+
+
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="ImageFolder: one subfolder per class (label = sorted position), images inside")
+    parser.add_argument("--features-path", type=str, required=True,
+                        help="output folder; an interrupted extraction there is resumed")
+    parser.add_argument("--model", choices=list(DiT_models), default=None, metavar="NAME",
+                        help="the model the features are for: checks that its input channels and patch size "
+                             "fit the latents (no weights are loaded)")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixels)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the ADM center crop")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="also store each image's horizontal mirror; turn off for data whose mirror "
+                             "changes its class, such as digits")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call, per process")
+    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable images (listed in skipped.json) instead of stopping")
+    add_runtime_args(parser, precision_default="fp32")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    # A long timeout: ranks wait at the last barrier for the slowest, and a resumed run can leave
+    # them uneven work. A rank that dies still stops the others (torchrun ends the group).
+    env = init_distributed(args.device, timeout_minutes=24 * 60)
+    logger = create_logger(env)
+    if args.tf32:
+        enable_tf32()
+    precision = resolve_precision(args.precision, env.device)
+    codec = load_codec(args.vae, env.device)
+    if args.model is not None:
+        check_model_inputs(args.model, codec, args.image_size)
+    images = list_image_folder(args.data_path)
+    extract_features(images, args.features_path, codec, env, image_size=args.image_size, flip=args.flip,
+                     shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                     global_seed=args.global_seed, precision=precision, skip_bad=args.skip_bad, logger=logger)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(parse_args())

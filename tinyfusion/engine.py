@@ -1,0 +1,483 @@
+"""The one training loop of train.py, train_masked_kd.py and prune_by_learning.py.
+
+What differs between them (the loss, the gate schedule, what is logged and saved) is passed in
+as a `Task`; everything else lives here: DDP, data order, per-sample randomness, gradient
+accumulation, mixed precision, clipping, EMA, learning-rate schedule, non-finite steps,
+logging, checkpoints, resume and preemption.
+
+Every random draw of step s (timesteps, noise, label dropout, gate noise) is made for the whole
+global batch from a generator seeded by (seed, s), and each process takes its slice. Together
+with `GlobalBatchSampler`, a run is therefore the same function of its seed whatever the number
+of processes, and resuming from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, read_checkpoint
+from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
+from .features import FeatureDataset, GlobalBatchSampler, derive_seed
+from .precision import autocast, grad_scaler
+
+# Settings that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "num_workers", "tensorboard", "device",
+                     "max_nonfinite_steps"}
+
+# Seed purposes: every stream of random numbers has its own, so they never overlap.
+_STEP_RANDOMNESS = 2
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What the loop needs to know; built from the shared training arguments (tinyfusion.args)."""
+
+    run_dir: Path
+    global_batch_size: int
+    total_steps: int
+    lr: float
+    micro_batch_size: int | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "fp32"
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 2
+    num_workers: int = 4
+    global_seed: int = 0
+    max_nonfinite_steps: int = 5
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass
+class Batch:
+    """One micro-batch and its randomness. Shapes: x (B, C, H, W), y (B,), t (B,), noise like x,
+    drop_ids (B,) 1 where the label is replaced by the null class, gate_uniform (B, K) or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop_ids: torch.Tensor
+    gate_uniform: torch.Tensor | None
+    step: int
+
+
+class Task(abc.ABC):
+    """What a script adds to the loop. Subclass and override what differs.
+
+    Attributes:
+        gate_options: how many uniforms per sample the task's gates need (0 without gates).
+    """
+
+    gate_options: int = 0
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
+        """Returns {"loss": scalar to minimise, other scalars to log}; `model` is the DDP-wrapped model."""
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        """Called before each step (e.g. to anneal gate temperatures)."""
+
+    def log_fields(self, ema: nn.Module) -> dict:
+        """Extra fields for each log line (e.g. the current pruning decision)."""
+        return {}
+
+    def describe(self, fields: dict) -> str:
+        """A short human-readable form of `log_fields` for the console."""
+        return ""
+
+    def on_log(self, record: dict) -> None:
+        """Called on rank 0 with each log record (e.g. to append it to a file of the task's own)."""
+
+
+def step_draws(seed: int, step: int, global_batch_size: int, latent_shape, num_timesteps: int, env: DistEnv, *,
+               label_dropout: float = 0.0, gate_options: int = 0) -> dict[str, torch.Tensor]:
+    """The random draws of one step for the whole global batch; returns this process's slice.
+
+    "t" (B,) timesteps, "noise" (B, C, H, W), "drop_ids" (B,) label dropout, and with gates
+    "gate_uniform" (B, K). Drawn on env.device from a generator seeded by (seed, step) alone.
+    """
+    g = torch.Generator(device=env.device).manual_seed(derive_seed(_STEP_RANDOMNESS, seed, step))
+    dev, B = env.device, global_batch_size
+    draws = {
+        "t": torch.randint(0, num_timesteps, (B,), generator=g, device=dev),
+        "noise": torch.randn((B, *latent_shape), generator=g, device=dev),
+        "drop_ids": (torch.rand(B, generator=g, device=dev) < label_dropout).long(),
+    }
+    if gate_options:
+        draws["gate_uniform"] = torch.rand((B, gate_options), generator=g, device=dev)
+    local = B // env.world_size
+    begin = env.rank * local
+    return {k: v[begin:begin + local] for k, v in draws.items()}
+
+
+#################################################################################
+#                                       EMA                                     #
+#################################################################################
+
+class EMA:
+    """Exponential moving average of a model's trainable parameters (frozen ones are copied once).
+
+    Args:
+        model: the (unwrapped) model to average.
+        decay: the averaging factor per step.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self._pairs:
+            ema_params, params = zip(*self._pairs)
+            torch._foreach_lerp_(list(ema_params), [p.detach() for p in params], 1.0 - self.decay)
+
+
+#################################################################################
+#                                   Run folders                                 #
+#################################################################################
+
+class CheckpointManager:
+    """Training checkpoints in run_dir/checkpoints: numbered by step, written atomically, the last
+    `keep_last` kept."""
+
+    def __init__(self, run_dir: Path, keep_last: int):
+        if keep_last < 1:
+            raise ValueError(f"--keep-last must be at least 1, got {keep_last}")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def all(self) -> list[Path]:
+        return sorted(self.dir.glob("step-*.pt"))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, state: dict, step: int) -> Path:
+        path = self.dir / f"step-{step:07d}.pt"
+        atomic_save(state, path)
+        for old in self.all()[:-self.keep_last]:
+            old.unlink()
+        return path
+
+
+def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    """Refuses to resume a run whose settings differ in a way that changes the result."""
+    differences = [f"{k}: the run has {saved.get(k)!r}, this command has {current.get(k)!r}"
+                   for k in sorted(set(saved) | set(current))
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+    if differences:
+        raise ValueError(f"{path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
+                         + "\nRe-run with the same settings to resume it, or choose another --results-dir/--prefix.")
+
+
+#################################################################################
+#                                     Trainer                                   #
+#################################################################################
+
+class Trainer:
+    """Runs a Task over a feature dataset.
+
+    Args:
+        env: the process's place in the world (tinyfusion.distributed.init_distributed).
+        model: the model to train (unwrapped, on env.device); its trainable parameters are those
+            in `param_groups`.
+        param_groups: optimizer parameter groups (each may carry its own "lr").
+        task: the script's loss and hooks.
+        dataset: the training data.
+        config: loop settings.
+        num_timesteps: the diffusion's step count (timesteps are drawn uniformly below it).
+        label_dropout: probability of replacing a label by the null class (classifier-free guidance).
+        settings: the run's settings as a JSON-able dict, stored in checkpoints and compared on resume.
+        logger: a rank-0 logger.
+        record: builds the self-describing part of a checkpoint (architecture, config, lineage).
+    """
+
+    def __init__(self, *, env: DistEnv, model: nn.Module, param_groups: list[dict], task: Task,
+                 dataset: FeatureDataset, config: TrainConfig, num_timesteps: int, label_dropout: float,
+                 settings: dict, logger, record: Callable[[], dict]):
+        self.env, self.model, self.task, self.dataset, self.config = env, model, task, dataset, config
+        self.num_timesteps, self.label_dropout = num_timesteps, label_dropout
+        self.settings, self.logger, self.record = settings, logger, record
+        self.run_dir = Path(config.run_dir)
+
+        if config.global_batch_size % env.world_size:
+            raise ValueError(f"--global-batch-size {config.global_batch_size} is not divisible by the "
+                             f"{env.world_size} processes")
+        self.local_batch_size = config.global_batch_size // env.world_size
+        micro = config.micro_batch_size or self.local_batch_size
+        if self.local_batch_size % micro:
+            raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch "
+                             f"{self.local_batch_size} (= global batch / processes)")
+        self.micro_batch_size, self.accum_steps = micro, self.local_batch_size // micro
+        if config.total_steps < 1:
+            raise ValueError("the run has no steps: raise --epochs or --max-steps")
+
+        self.ema = EMA(model, config.ema_decay)
+        self.trainable = [p for g in param_groups for p in g["params"]]
+        for group in param_groups:
+            group.setdefault("lr", config.lr)
+            group["base_lr"] = group["lr"]
+        # Adam's default eps; weight decay 0 by default, as DiT.
+        self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.scaler = grad_scaler(config.precision, env.device)
+        self.ddp_model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+            if env.distributed else model
+        self.checkpoints = CheckpointManager(self.run_dir, config.keep_last)
+        self.step = 0
+        self.skipped_steps = 0
+        self._stop_requested = False
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """A self-describing checkpoint (load_model reads its "model"/"ema") plus the training state."""
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **self.record(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in self.ema.model.state_dict().items()},
+            "training_state": {
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "skipped_steps": self.skipped_steps,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            },
+            "settings": self.settings,
+        }
+
+    def maybe_resume(self) -> bool:
+        """Loads the latest checkpoint of the run folder, if any; True when a run was resumed."""
+        path = self.checkpoints.latest()
+        if path is None:
+            return False
+        saved = read_checkpoint(path)
+        check_resumable(saved.get("settings", {}), self.settings, path)
+        state = saved["training_state"]
+        self.model.load_state_dict(saved["model"])
+        self.ema.model.load_state_dict(saved["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.logger.info(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save_checkpoint(self) -> None:
+        if self.env.is_main:
+            path = self.checkpoints.save(self.state_dict(), self.step)
+            self.logger.info(f"saved checkpoint {path}")
+        barrier()
+
+    # ----------------------------------------------------------------- randomness
+
+    def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of step `step`'s global draws."""
+        return step_draws(self.config.global_seed, step, self.config.global_batch_size, self.dataset.latent_shape,
+                          self.num_timesteps, self.env, label_dropout=self.label_dropout,
+                          gate_options=self.task.gate_options)
+
+    # ----------------------------------------------------------------- loop
+
+    def _loader(self) -> DataLoader:
+        sampler = GlobalBatchSampler(
+            len(self.dataset), self.config.global_batch_size, rank=self.env.rank, world_size=self.env.world_size,
+            seed=self.config.global_seed, copies=self.dataset.copies if self.dataset.flip else 1,
+            start_step=self.step, max_steps=self.config.total_steps)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                          pin_memory=self.env.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_schedule == "cosine":
+            progress = (step - c.warmup_steps) / max(c.total_steps - c.warmup_steps, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    def _install_sigterm(self):
+        def handler(signum, frame):
+            self._stop_requested = True
+        try:
+            return signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no preemption handling
+            return None
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; all ranks must leave the loop at the same step."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.env.device)
+        if is_distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> nn.Module:
+        """Trains to `total_steps` (resuming from the run folder if it holds a checkpoint).
+
+        Returns the EMA model. Raises RuntimeError when too many consecutive steps are non-finite.
+        """
+        c = self.config
+        self.maybe_resume()
+        if self.step >= c.total_steps:
+            self.logger.info(f"the run in {self.run_dir} is already complete ({self.step} steps)")
+            return self.ema.model
+        previous_handler = self._install_sigterm()
+        writer = self._tensorboard()
+        self.model.train()
+        self.logger.info(
+            f"training from step {self.step} to {c.total_steps}: global batch {c.global_batch_size} over "
+            f"{self.env.world_size} process(es), {self.accum_steps} micro-batch(es) of {self.micro_batch_size} "
+            f"each, precision {c.precision}")
+        consecutive_bad, window = 0, _Window()
+        try:
+            for x, y in self._loader():
+                self.task.before_step(self.step, c.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * self._lr_factor(self.step)
+                metrics, ok = self._train_step(x.to(self.env.device, non_blocking=True),
+                                               y.to(self.env.device, non_blocking=True))
+                self.step += 1
+                window.add(metrics, self.micro_batch_size * self.accum_steps)
+                if ok:
+                    consecutive_bad = 0
+                else:
+                    consecutive_bad += 1
+                    self.skipped_steps += 1
+                    self.logger.warning(f"step {self.step}: non-finite loss or gradient, step skipped "
+                                        f"({self.skipped_steps} skipped in total)")
+                    if consecutive_bad >= c.max_nonfinite_steps:
+                        last = self.checkpoints.latest()
+                        raise RuntimeError(
+                            f"stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                            f"(last at step {self.step}). The last good checkpoint is "
+                            f"{last if last else 'none (no checkpoint was written yet)'}. Check the data for "
+                            "NaN/inf values, or lower --lr, or use --precision bf16/fp32 instead of fp16.")
+                if self.step % c.log_every == 0 or self.step == c.total_steps:
+                    self._log(window, writer)
+                    window = _Window()
+                stop = self._stop_agreed()
+                if stop or self.step % c.ckpt_every == 0 or self.step == c.total_steps:
+                    self.save_checkpoint()
+                if stop:
+                    self.logger.info(f"stopped by SIGTERM at step {self.step}; re-run the same command to resume")
+                    raise SystemExit(143)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            if writer is not None:
+                writer.close()
+        return self.ema.model
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, bool]:
+        c = self.config
+        rnd = self.step_randomness(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        finite = torch.ones((), device=self.env.device)
+        for m in range(self.accum_steps):
+            sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
+            batch = Batch(x=x[sl], y=y[sl], t=rnd["t"][sl], noise=rnd["noise"][sl], drop_ids=rnd["drop_ids"][sl],
+                          gate_uniform=rnd["gate_uniform"][sl] if "gate_uniform" in rnd else None, step=self.step)
+            sync = contextlib.nullcontext() if m == self.accum_steps - 1 or not self.env.distributed \
+                else self.ddp_model.no_sync()
+            with sync:
+                with autocast(c.precision, self.env.device):
+                    out = self.task.loss(self.ddp_model, batch, c.total_steps)
+                loss = out["loss"].float()
+                finite = finite * torch.isfinite(loss.detach())
+                self.scaler.scale(loss / self.accum_steps).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float()) / self.accum_steps
+        # Every rank must take the same decision, or their parameters would drift apart.
+        finite = all_reduce_mean(finite)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.grad_clip if c.grad_clip > 0 else math.inf)
+        ok = bool(finite.item() == 1.0) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        if ok:
+            self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
+            self.ema.update()
+        self.scaler.update()
+        sums["grad_norm"] = float(grad_norm)
+        return sums, ok
+
+    # ----------------------------------------------------------------- logging
+
+    def _tensorboard(self):
+        if not (self.config.tensorboard and self.env.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, window: "_Window", writer) -> None:
+        means = window.means(self.env.device)
+        fields = broadcast_object(self.task.log_fields(self.ema.model) if self.env.is_main else None)
+        record = {"step": self.step, **means, "steps_per_sec": window.steps / max(window.elapsed(), 1e-9),
+                  "images_per_sec": window.images * self.env.world_size / max(window.elapsed(), 1e-9),
+                  "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **fields}
+        if not self.env.is_main:
+            return
+        text = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        extra = self.task.describe(fields)
+        self.logger.info(f"(step {self.step:07d}) {text} | {record['steps_per_sec']:.2f} steps/s "
+                         f"{record['images_per_sec']:.1f} img/s lr {record['lr']:.2e}"
+                         + (f" | {extra}" if extra else ""))
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.task.on_log(record)
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(k, v, self.step)
+
+
+class _Window:
+    """Metrics accumulated between two log lines."""
+
+    def __init__(self):
+        self.start, self.steps, self.images, self.sums = time.time(), 0, 0, {}
+
+    def add(self, metrics: dict, images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def means(self, device: torch.device) -> dict:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        values = all_reduce_mean(torch.tensor([self.sums[k] / self.steps for k in keys], device=device,
+                                              dtype=torch.float64))
+        return dict(zip(keys, values.tolist()))

@@ -1,0 +1,268 @@
+"""Depth pruning: TinyFusion's learned decision, choice by index, and the pruned-model file they share.
+
+Learned pruning (TinyFusion, section 3): the model's blocks carry N:M gates sampled per sample
+with a hard Gumbel-softmax whose temperature tau (and logit scaling) anneal linearly over the
+run, trained jointly with LoRA or full weight updates that simulate the fine-tuning to come.
+The decision is read from the EMA of the gates; the weight updates are then thrown away and the
+kept blocks are cut from the ORIGINAL weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from diffusion import create_diffusion
+from models import GatedModel, format_groups, prune_depth, validate_kept_indices
+
+from .checkpoint import LoadedModel, load_model, pruned_lineage, save_model
+from .distributed import barrier, cleanup, create_logger, init_distributed
+from .engine import Trainer
+from .lora import add_lora, trainable_fraction
+from .training import (
+    DiffusionTask,
+    check_data_fits,
+    parameter_count,
+    run_settings,
+    start_run,
+    total_steps,
+    train_config,
+)
+
+#################################################################################
+#                               Choosing by index                               #
+#################################################################################
+
+
+def oracle_indices(depth: int) -> list[int]:
+    """BK-SDM's pattern at half depth: blocks in consecutive pairs; pairs in the first half keep their
+    first block, pairs in the second half their last (for 28 blocks: 0 2 ... 12 15 17 ... 27)."""
+    if depth % 2 or depth < 2:
+        raise ValueError(f"the oracle pattern halves a model of even depth; this one has {depth} blocks")
+    pairs = depth // 2
+    return [2 * p if 2 * p < depth / 2 else 2 * p + 1 for p in range(pairs)]
+
+
+def first_k_indices(depth: int, k: int) -> list[int]:
+    if not 1 <= k <= depth:
+        raise ValueError(f"--target-depth {k} must be between 1 and the model's depth {depth}")
+    return list(range(k))
+
+
+def kept_from_pruned(pruned: Sequence[int], depth: int) -> list[int]:
+    """The complement of pruned block indices (validated)."""
+    pruned = validate_kept_indices(pruned, depth)
+    kept = [i for i in range(depth) if i not in set(pruned)]
+    if not kept:
+        raise ValueError("--pruned-indices removes every block; keep at least one")
+    return kept
+
+
+#################################################################################
+#                               The pruned file                                 #
+#################################################################################
+
+def save_pruned(source: LoadedModel, kept: Sequence[int], path: str, method: str, logger: logging.Logger,
+                extra: dict | None = None) -> nn.Module:
+    """Cuts the kept blocks out of `source` and writes a self-describing pruned checkpoint."""
+    model = source.model.model if isinstance(source.model, GatedModel) else source.model
+    kept = validate_kept_indices(kept, len(model.blocks))
+    pruned = prune_depth(model, kept)
+    lineage = pruned_lineage(source, kept, method)
+    save_model(path, pruned, lineage=lineage, extra=extra)
+    before, after = parameter_count(model), parameter_count(pruned)
+    logger.info(f"kept blocks {kept} of {len(model.blocks)} ({method}); original blocks "
+                f"{lineage['kept_indices']}; parameters {before:,} -> {after:,} ({after / before:.1%})")
+    logger.info(f"saved {path}")
+    return pruned
+
+
+def run_prune_by_index(args: argparse.Namespace) -> None:
+    """prune_by_index.py: keep a chosen set of blocks (rank 0 writes under torchrun)."""
+    env = init_distributed(device="cpu")  # surgery needs no GPU
+    try:
+        if env.is_main:
+            _prune_by_index(args, create_logger(env))
+        barrier()
+    finally:
+        cleanup()
+
+
+def _prune_by_index(args: argparse.Namespace, logger: logging.Logger) -> None:
+    source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
+    depth = source.config["depth"]
+    if args.preset == "oracle":
+        kept, method = oracle_indices(depth), "oracle"
+    elif args.preset == "first-k":
+        if args.target_depth is None:
+            raise ValueError("--preset first-k needs --target-depth")
+        kept, method = first_k_indices(depth, args.target_depth), "first-k"
+    elif args.kept_indices is not None:
+        kept, method = validate_kept_indices(args.kept_indices, depth), "index"
+    else:
+        kept, method = kept_from_pruned(args.pruned_indices, depth), "index"
+    save_pruned(source, kept, args.save_model, method, logger)
+
+
+#################################################################################
+#                                Learned pruning                                #
+#################################################################################
+
+def linear_anneal(start: float, end: float, step: int, total_steps: int) -> float:
+    """start -> end linearly over steps 0 .. total_steps - 1 (TinyFusion anneals tau and scaling per step)."""
+    return start + (end - start) * step / max(total_steps - 1, 1)
+
+
+class LearnedPruningTask(DiffusionTask):
+    """The diffusion loss through gated blocks, with tau and the logit scaling annealed per step.
+
+    Args:
+        diffusion: the training diffusion.
+        gated: the gated model being trained (unwrapped).
+        tau_range, scaling_range: (start, end) of the Gumbel temperature and of the logit scaling.
+        run_dir: where decisions.jsonl is appended on every log step.
+    """
+
+    def __init__(self, diffusion, gated: GatedModel, tau_range: Sequence[float], scaling_range: Sequence[float],
+                 run_dir: Path):
+        super().__init__(diffusion)
+        for name, (start, end) in (("--tau-range", tau_range), ("--scaling-range", scaling_range)):
+            if start <= 0 or end <= 0:
+                raise ValueError(f"{name} values must be positive, got {start} {end}")
+        self.gated, self.tau_range, self.scaling_range, self.run_dir = gated, tau_range, scaling_range, run_dir
+        self.gate_options = sum(gated.gates.num_options)
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        self.gated.gates.tau = linear_anneal(*self.tau_range, step, total_steps)
+        self.gated.gates.scaling = linear_anneal(*self.scaling_range, step, total_steps)
+
+    def log_fields(self, ema: nn.Module) -> dict:
+        ema.gates.scaling = self.gated.gates.scaling
+        decision = ema.decisions()
+        return {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
+                "tau": self.gated.gates.tau, "scaling": self.gated.gates.scaling}
+
+    def describe(self, fields: dict) -> str:
+        conf = fields["confidence"]
+        return (f"tau {fields['tau']:.3g} kept {fields['kept_indices']} confidence min {min(conf):.3f} "
+                f"mean {sum(conf) / len(conf):.3f}")
+
+    def on_log(self, record: dict) -> None:
+        with open(self.run_dir / "decisions.jsonl", "a") as f:
+            f.write(json.dumps({k: record[k] for k in ("step", "loss", "kept_indices", "confidence", "tau",
+                                                         "scaling")}) + "\n")
+
+
+def read_decision_history(path: Path) -> list[dict]:
+    """decisions.jsonl, one record per step (a resumed run may log a step twice: the last one wins)."""
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
+    """A picture of how the decision evolved: kept blocks per log step, and the group confidences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    kept = torch.zeros(depth, len(history))
+    for j, r in enumerate(history):
+        kept[r["kept_indices"], j] = 1.0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    top.imshow(kept.numpy(), aspect="auto", cmap="Greens", interpolation="nearest",
+               extent=(steps[0] - 0.5, steps[-1] + 0.5, depth - 0.5, -0.5))
+    top.set_ylabel("block (green = kept)")
+    top.set_title("TinyFusion decision (from the EMA gates)")
+    confidence = torch.tensor([r["confidence"] for r in history])
+    for g in range(confidence.shape[1]):
+        bottom.plot(steps, confidence[:, g].numpy(), linewidth=1)
+    bottom.set_ylim(0, 1.02)
+    bottom.set_ylabel("group confidence")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _gated_source(args: argparse.Namespace) -> LoadedModel:
+    if args.model is None and args.groups is None:
+        raise ValueError("give a gated model (e.g. --model DiT-XL-1-2) or N:M groups (--groups 14x1:2)")
+    loaded = load_model(args.load_weight, args.model, weights=args.weights, num_heads=args.num_heads,
+                        groups=args.groups)
+    if not isinstance(loaded.model, GatedModel):
+        raise ValueError(f"--model {args.model} has no gates: use a gated preset (e.g. DiT-XL-1-2) or add --groups")
+    return loaded
+
+
+def run_prune_by_learning(args: argparse.Namespace) -> None:
+    """prune_by_learning.py: learn which blocks to keep, then cut them from the original weights."""
+    if args.lora and not args.delta_w:
+        raise ValueError("--lora chooses how weights are updated and needs --delta-w")
+    if not args.save_model:
+        raise ValueError("give --save-model: where to write the pruned model")
+    name = (args.model or Path(args.load_weight).stem).replace("/", "-")
+    run = start_run(args, default_prefix=f"{name}-learned-pruning")
+    try:
+        loaded = _gated_source(args)
+        gated = loaded.model.to(run.env.device)
+        check_data_fits(loaded.config, run.dataset)
+        groups = gated.gates.groups
+        weights: list[nn.Parameter] = []
+        if args.delta_w and args.lora:
+            weights = add_lora(gated.model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+        else:
+            gated.model.requires_grad_(args.delta_w)
+            weights = [p for p in gated.model.parameters() if p.requires_grad]
+        gated.gates.requires_grad_(True)
+        n_weights, n_total = trainable_fraction(gated.model, weights)
+        run.logger.info(f"groups {format_groups(groups)}: depth {gated.gates.depth} -> "
+                        f"{sum(n for n, _ in groups)}; {sum(gated.gates.num_options)} gate logits; weight updates: "
+                        + ("none" if not weights else f"{'LoRA rank ' + str(args.lora_rank) if args.lora else 'full'}"
+                           f", {n_weights:,} of {n_total:,} parameters ({n_weights / n_total:.2%})"))
+        param_groups = [{"params": list(gated.gates.parameters()), "lr": args.lr * args.gate_lr_mult}]
+        if weights:
+            param_groups.insert(0, {"params": weights, "lr": args.lr})
+        diffusion = create_diffusion("", learn_sigma=loaded.config["learn_sigma"])
+        task = LearnedPruningTask(diffusion, gated, args.tau_range, args.scaling_range, run.run_dir)
+        steps = total_steps(args, run.dataset)
+        record = {"kind": "pruning", "arch": loaded.arch, "config": loaded.config, "lineage": loaded.lineage,
+                  "extra": {"script": "prune_by_learning.py", "groups": format_groups(groups)}}
+        trainer = Trainer(
+            env=run.env, model=gated, param_groups=param_groups, task=task, dataset=run.dataset,
+            config=train_config(args, run, steps), num_timesteps=diffusion.num_timesteps,
+            label_dropout=loaded.config["class_dropout_prob"],
+            settings=run_settings(args, precision=run.precision, groups=format_groups(groups)),
+            logger=run.logger, record=lambda: record)
+        ema = trainer.fit()
+        if run.env.is_main:
+            ema.gates.scaling = gated.gates.scaling
+            decision = ema.decisions()
+            run.logger.info(f"decision (EMA gates): kept {decision['kept_indices']}, confidence "
+                            + " ".join(f"{c:.3f}" for c in decision["confidence"]))
+            # The weight updates only simulated fine-tuning: the pruned model starts from the original weights.
+            original = load_model(args.load_weight, weights=args.weights, num_heads=args.num_heads)
+            summary = {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
+                       "options": decision["options"], "groups": format_groups(groups), "steps": steps,
+                       "settings": run_settings(args, precision=run.precision)}
+            save_pruned(original, decision["kept_indices"], args.save_model, "learned", run.logger,
+                        extra={"decision": summary})
+            (run.run_dir / "decisions.json").write_text(json.dumps(summary, indent=1))
+            history = read_decision_history(run.run_dir / "decisions.jsonl")
+            if history:
+                plot_decisions(history, gated.gates.depth, run.run_dir / "decisions.png")
+                run.logger.info(f"decision history plotted in {run.run_dir / 'decisions.png'}")
+        barrier()
+    finally:
+        cleanup()

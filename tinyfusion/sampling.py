@@ -1,0 +1,515 @@
+"""Sampling a class-conditional DiT: image grids (sample.py) and FID sample sets (sample_ddp.py).
+
+Every image is a function of its own seed. Image i of a run draws its starting noise and the noise
+of every sampling step from a generator seeded with `derive_seed(NOISE_STREAM, seed, i)`, and in an
+FID run its class label (uniform over the classes) from `derive_seed(LABEL_STREAM, seed, i)`. So a
+sample set does not depend on the number of processes: at the same per-process batch size it is
+byte-identical, because every batch holds the same images (batches are always full: the last one is
+padded with extra indices whose images are dropped), and at another batch size it differs only by
+float rounding (a rare pixel off by one).
+
+An FID run lives in a run folder:
+
+    RUN/protocol.json       what decides the pixels; running again must match it to resume
+    RUN/part-000000.npz     batch b, images b*B .. (b+1)*B-1: "images" uint8 (n, H, W, 3), "labels", "indices"
+    RUN/png/000000.png      with --save-png
+    RUN/log.txt
+
+A part is written atomically by the one rank that sampled it; running the same command again samples
+only the missing parts. Rank 0 then streams the parts into the ADM-format .npz (`arr_0` the uint8
+images (N, H, W, 3), `arr_1` the int64 labels (N,), as ADM's class-conditional samples) and writes
+the protocol beside it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion
+
+from .checkpoint import LoadedModel, file_sha256, load_model
+from .distributed import DistEnv, barrier, broadcast_object, cleanup, create_logger, init_distributed
+from .features import derive_seed
+from .fileio import atomic_write, atomic_write_json
+from .precision import PRECISIONS, autocast, enable_tf32, resolve_precision
+from .vae import LatentCodec, load_codec
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+# The eight ImageNet classes of the DiT README's sample grid.
+SHOWCASE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+GRID_NROW = 4
+NUM_TRAIN_TIMESTEPS = 1000
+# Purposes passed to derive_seed, so an image's noise and its label are independent draws.
+NOISE_STREAM, LABEL_STREAM = 101, 102
+PROTOCOL_FORMAT = "tinyfusion-samples"
+PROTOCOL_VERSION = 1
+# Protocol fields that do not change a single pixel: a resumed run may differ in them.
+_INFORMATIONAL = ("checkpoint_path",)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How images are drawn from a model: everything but the model, the seeds and the labels.
+
+    Attributes:
+        sampler: "ddpm" (ancestral), "ddim" (eta 0) or "dpm++" (diffusers' DPM-Solver++ 2M).
+        num_steps: sampling steps, respaced from the 1000 training steps.
+        cfg_scale: classifier-free guidance scale; 1.0 runs the plain conditional model.
+        guide_all_channels: guide every noise channel, not the first 3 (the official choice).
+        precision: autocast of the model, "fp32", "bf16" or "fp16" (already resolved, not "auto").
+    """
+
+    sampler: str = "ddpm"
+    num_steps: int = 250
+    cfg_scale: float = 4.0
+    guide_all_channels: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 1 <= self.num_steps <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"--num-sampling-steps must be between 1 and {NUM_TRAIN_TIMESTEPS} (the training "
+                             f"steps it is respaced from), got {self.num_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+#################################################################################
+#                              Model, labels, seeds                             #
+#################################################################################
+
+def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None = None, weights: str = "ema",
+                      num_heads: int | None = None, vae: str = "ema",
+                      device: torch.device | str = "cpu") -> tuple[LoadedModel, LatentCodec]:
+    """The model (on `device`, eval mode) and the codec that turns its outputs into images.
+
+    Args:
+        ckpt: any checkpoint `tinyfusion.checkpoint.load_model` reads.
+        model_name, weights, num_heads: as for `load_model`.
+        vae: the `--vae` spec ("ema", "mse", a diffusers folder, or "none" for a pixel-space model).
+        device: where to sample.
+    Raises:
+        ValueError: no checkpoint, or a model whose input channels the codec does not produce.
+    """
+    if not ckpt:
+        raise ValueError("no checkpoint given: pass --ckpt PATH (official DiT weights, a TinyFusion or toolkit file)")
+    loaded = load_model(ckpt, model_name, weights=weights, num_heads=num_heads)
+    codec = load_codec(vae, device)
+    in_channels, produced = loaded.config["in_channels"], codec.latent_channels()
+    if in_channels != produced:
+        fix = ("this is a latent-space model: pass --vae ema or --vae mse (or a VAE folder)" if codec.vae is None
+               else "pass the VAE the model was trained with, or --vae none for a pixel-space model")
+        raise ValueError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {vae} makes "
+                         f"{produced}-channel ones; {fix}")
+    loaded.model.to(device).eval()
+    return loaded, codec
+
+
+def resolve_class_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:
+    """The labels of a grid: the given ones, checked, or a default that fits the model.
+
+    The default is the DiT README's eight ImageNet classes for a 1000-class model; their numbers mean
+    nothing to a model of another dataset, so there it is the first (up to) eight classes.
+
+    Raises:
+        ValueError: a label that is not a class of the model.
+    """
+    if labels is None:
+        if num_classes == 1000:
+            return list(SHOWCASE_CLASSES)
+        return list(range(min(len(SHOWCASE_CLASSES), num_classes)))
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"--class-labels {' '.join(map(str, bad))}: the model has {num_classes} classes, "
+                         f"numbered 0 to {num_classes - 1}; pass labels in that range")
+    return list(labels)
+
+
+def image_seeds(seed: int, indices: Iterable[int]) -> list[int]:
+    """The noise seed of each image index of a run with seed `seed`."""
+    return [derive_seed(NOISE_STREAM, seed, i) for i in indices]
+
+
+def image_labels(seed: int, indices: Iterable[int], num_classes: int) -> list[int]:
+    """The class label of each image index of an FID run: uniform over the classes, from its own seed."""
+    # derive_seed gives 63 bits, so the modulo bias is below 1e-15 for any class count.
+    return [derive_seed(LABEL_STREAM, seed, i) % num_classes for i in indices]
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+def _denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device) -> Callable:
+    """model(x, t, y) as the samplers call it: guided when cfg_scale != 1, in the spec's precision.
+
+    The samplers see one row per image; the conditional/null doubling of classifier-free guidance
+    happens in here. This is the official recipe (cat([z, z]), labels cat([y, null]),
+    forward_with_cfg, keep the first half) without carrying the unused second half through the
+    sampler, which would also draw step noise for it.
+    """
+    null_class = model.num_classes
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(spec.precision, device):
+            if spec.cfg_scale == 1.0:
+                out = model(x, t, y)
+            else:
+                out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
+                                             torch.cat([y, torch.full_like(y, null_class)]), spec.cfg_scale,
+                                             guide_all_channels=spec.guide_all_channels)[: len(x)]
+        return out.float()
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_latents(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], spec: SamplingSpec, *,
+                   progress: bool = False) -> torch.Tensor:
+    """Samples model inputs (latents, or pixels for a pixel-space model), one per label.
+
+    Sample i depends only on labels[i] and seeds[i]: its x_T and every step's noise come from its own
+    generator, so it is the same in any batch (up to float rounding across batch shapes).
+
+    Args:
+        model: a DiT on its sampling device, eval mode.
+        labels: (N,) class labels, on the model's device.
+        seeds: N seeds (see `image_seeds`).
+        spec: sampler, steps, guidance and precision.
+        progress: show a progress bar over the steps.
+    Returns:
+        (N, C, H, W) float32 samples.
+    """
+    device = next(model.parameters()).device
+    if len(seeds) != len(labels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels; give one seed per image")
+    if spec.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+        raise ValueError("the model has no null class (it was trained without label dropout), so it cannot be "
+                         "guided; use --cfg-scale 1")
+    config = model.config
+    shape = (len(labels), config["in_channels"], config["input_size"], config["input_size"])
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    # The same x_T for every sampler: image i starts from the same noise under ddpm, ddim and dpm++.
+    noise = torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generators])
+    denoise = _denoiser(model, spec, device)
+    if spec.sampler == "dpm++":
+        return _dpm_solver_loop(denoise, noise, labels, spec.num_steps, progress)
+    diffusion = create_diffusion(str(spec.num_steps), learn_sigma=config["learn_sigma"])
+    loop = diffusion.p_sample_loop if spec.sampler == "ddpm" else diffusion.ddim_sample_loop
+    # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
+    return loop(denoise, shape, noise=noise, clip_denoised=False, model_kwargs=dict(y=labels), device=device,
+                progress=progress, generator=generators)
+
+
+def _dpm_solver_loop(denoise: Callable, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
+                     progress: bool) -> torch.Tensor:
+    """DPM-Solver++ (2M, Lu et al. 2022) from diffusers, on DiT's training schedule; deterministic given x_T."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    # DiT's "linear" schedule: betas from 1e-4 to 0.02 over 1000 steps, epsilon prediction.
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4,
+                                            beta_end=0.02, beta_schedule="linear", algorithm_type="dpmsolver++",
+                                            prediction_type="epsilon")
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    channels = noise.shape[1]
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+        timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+        # With a learned variance the model outputs 2C channels; the solver needs the noise (the first C).
+        eps = denoise(x, timesteps, labels)[:, :channels]
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def sample_images(model: nn.Module, codec: LatentCodec, labels: torch.Tensor, seeds: Sequence[int],
+                  spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
+    """Images (N, 3, H, W), nominally in [-1, 1] (not clamped): `sample_latents`, decoded."""
+    return codec.decode(sample_latents(model, labels, seeds, spec, progress=progress))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] to (N, H, W, 3) uint8, exactly as the official DiT FID code converts.
+
+    Note +128 (not 127.5) and truncation: the reference numbers were computed this way.
+    """
+    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = GRID_NROW) -> Path:
+    """Writes (N, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images per row."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(path), nrow=nrow, normalize=True, value_range=(-1, 1))
+    return path
+
+
+def run_name(ckpt: str | os.PathLike, spec: SamplingSpec, seed: int, num_samples: int | None = None) -> str:
+    """A default output name: checkpoint, sampler and steps, guidance, seed (and sample count)."""
+    name = f"{Path(ckpt).stem}-{spec.sampler}{spec.num_steps}-cfg{spec.cfg_scale:g}-seed{seed}"
+    return name if num_samples is None else f"{name}-n{num_samples}"
+
+
+#################################################################################
+#                                 sample.py: a grid                             #
+#################################################################################
+
+def run_sample(args: argparse.Namespace) -> Path:
+    """sample.py: one PNG grid of the --class-labels, image i seeded from (--seed, i)."""
+    env = init_distributed(args.device)
+    if env.distributed:
+        raise ValueError("sample.py runs in one process; for many images on many GPUs use "
+                         "torchrun ... sample_ddp.py")
+    if args.tf32:
+        enable_tf32()
+    logger = create_logger(env)
+    spec = SamplingSpec(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+                        guide_all_channels=args.guide_all_channels,
+                        precision=resolve_precision(args.precision, env.device))
+    loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
+                                      num_heads=args.num_heads, vae=args.vae, device=env.device)
+    num_classes = loaded.config["num_classes"]
+    labels = resolve_class_labels(args.class_labels, num_classes)
+    if args.class_labels is None:
+        logger.info(f"--class-labels not given: classes {labels} of this {num_classes}-class model")
+    out = Path(args.out) if args.out else Path("outputs/samples") / f"{run_name(args.ckpt, spec, args.seed)}.png"
+    logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on {env.device.type}: "
+                f"{spec.sampler}, {spec.num_steps} steps, cfg {spec.cfg_scale:g}, {spec.precision}, vae {codec.name}")
+    images = sample_images(loaded.model, codec, torch.tensor(labels, device=env.device),
+                           image_seeds(args.seed, range(len(labels))), spec, progress=True)
+    save_grid(images, out)
+    logger.info(f"saved {out}")
+    return out
+
+
+#################################################################################
+#                           sample_ddp.py: FID sample sets                      #
+#################################################################################
+
+def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpec, *, seed: int, num_samples: int,
+                      batch_size: int, device: torch.device, tf32: bool) -> dict:
+    """Everything that decides the pixels of an FID sample set, as JSON-ready values.
+
+    Args:
+        loaded, codec, spec: the model, its codec and the sampling settings.
+        seed: the run's global seed; num_samples: N; batch_size: images per batch (per process).
+        device: where sampling runs (CPU and CUDA draw different noise from the same seeds).
+        tf32: whether TF32 matmuls were allowed (matters on CUDA only).
+    """
+    config = loaded.config
+    protocol = {
+        "format": PROTOCOL_FORMAT, "version": PROTOCOL_VERSION,
+        "checkpoint_path": os.path.abspath(loaded.path),
+        "checkpoint_sha256": file_sha256(loaded.path),
+        "arch": loaded.arch, "model_config": config, "lineage": loaded.lineage, "weights": loaded.weights,
+        "sampler": spec.sampler, "num_sampling_steps": spec.num_steps, "cfg_scale": spec.cfg_scale,
+        "guided_channels": config["in_channels"] if spec.guide_all_channels else min(3, config["in_channels"]),
+        "vae": codec.name, "image_size": config["input_size"] * codec.downsample,
+        "num_classes": config["num_classes"],
+        "precision": spec.precision, "tf32": bool(tf32 and device.type == "cuda"), "device": device.type,
+        "global_seed": seed, "num_samples": num_samples, "per_process_batch_size": batch_size,
+        "seeds": f"image i: noise from derive_seed({NOISE_STREAM}, global_seed, i), label "
+                 f"derive_seed({LABEL_STREAM}, global_seed, i) % num_classes",
+        "torch": torch.__version__,
+        "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 class labels (N,)"},
+    }
+    # A JSON round trip, so that a fresh protocol compares equal to one read back from disk.
+    return json.loads(json.dumps(protocol))
+
+
+def _part_path(run_dir: Path, batch: int) -> Path:
+    return run_dir / f"part-{batch:06d}.npz"
+
+
+def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
+    """Checks (or records) the protocol of a run folder; returns the batches still to sample.
+
+    Raises:
+        ValueError: the folder holds parts of another protocol, or parts with no protocol.
+    """
+    record = run_dir / "protocol.json"
+    done = {b for b in range(num_batches) if _part_path(run_dir, b).is_file()}
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+        differences = [f"{key}: recorded {recorded.get(key)!r}, now {protocol.get(key)!r}"
+                       for key in sorted(set(recorded) | set(protocol))
+                       if key not in _INFORMATIONAL and recorded.get(key) != protocol.get(key)]
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds samples of another protocol:\n  " + "\n  ".join(differences)
+                + "\nRun with the recorded settings to resume it, or pass another --sample-dir (or delete the "
+                  "folder) to start afresh.")
+    elif any(run_dir.glob("part-*.npz")):
+        raise ValueError(f"{run_dir} holds sample parts but no protocol.json, so they cannot be trusted; delete the "
+                         "folder or pass another --sample-dir")
+    else:
+        atomic_write_json(record, protocol)
+    return [b for b in range(num_batches) if b not in done]
+
+
+def _read_part(run_dir: Path, batch: int, batch_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, H, W, 3) uint8, labels (n,)) of a part, checked against the indices it must hold."""
+    with np.load(_part_path(run_dir, batch)) as part:
+        images, labels, indices = part["images"], part["labels"], part["indices"]
+    expected = np.arange(batch * batch_size, min((batch + 1) * batch_size, num_samples))
+    if not np.array_equal(indices, expected):
+        raise ValueError(f"{_part_path(run_dir, batch)} does not hold images {expected[0]}..{expected[-1]}; "
+                         "delete it and run again to redo it")
+    return images, labels
+
+
+def write_npz(path: str | os.PathLike, run_dir: str | os.PathLike, *, num_samples: int, batch_size: int) -> None:
+    """Streams the parts of a run into an ADM-format .npz (`arr_0` images, `arr_1` labels), atomically.
+
+    The images are copied part by part, never all in memory (50,000 at 256 px are 9.8 GB). The zip
+    entries carry a fixed timestamp, so the same samples always give the same bytes.
+    """
+    run_dir, path = Path(run_dir), Path(path)
+    num_batches = -(-num_samples // batch_size)
+    first, _ = _read_part(run_dir, 0, batch_size, num_samples)
+    shape = (num_samples, *first.shape[1:])
+
+    def write(f) -> None:
+        labels = []
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as npy:
+                np.lib.format.write_array_header_1_0(
+                    npy, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape})
+                for batch in range(num_batches):
+                    images, part_labels = _read_part(run_dir, batch, batch_size, num_samples)
+                    npy.write(np.ascontiguousarray(images).tobytes())
+                    labels.append(part_labels)
+            entry = zipfile.ZipInfo("arr_1.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as npy:
+                np.lib.format.write_array(npy, np.concatenate(labels).astype(np.int64))
+
+    atomic_write(path, write)
+
+
+def _write_pngs(run_dir: Path, batches: Iterable[int], batch_size: int, num_samples: int) -> None:
+    from PIL import Image
+
+    for batch in batches:
+        images, _ = _read_part(run_dir, batch, batch_size, num_samples)
+        for offset, image in enumerate(images):
+            png = run_dir / "png" / f"{batch * batch_size + offset:06d}.png"
+            if not png.is_file():
+                atomic_write(png, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
+
+
+def generate_fid_samples(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpec, *, env: DistEnv, seed: int,
+                         num_samples: int, batch_size: int, run_dir: str | os.PathLike, npz_path: str | os.PathLike,
+                         tf32: bool = False, save_png: bool = False,
+                         logger: logging.Logger | None = None) -> dict:
+    """Samples an FID set on every rank of the world, resumably, and assembles the .npz on rank 0.
+
+    Batch b holds images b*B .. (b+1)*B-1 (the last padded past N); the batches not yet on disk are
+    dealt round-robin to the ranks, so no two ranks write the same file.
+
+    Args:
+        loaded, codec, spec: the model (on env.device), its codec and the sampling settings.
+        env: this process's place in the world.
+        seed: the global seed; num_samples: N; batch_size: B, images per batch on each process.
+        run_dir: the run folder (parts, protocol.json, png/); npz_path: the final .npz.
+        tf32: whether TF32 matmuls are allowed (recorded).
+        save_png: also write every image as run_dir/png/INDEX.png.
+        logger: where progress goes (rank 0 logs).
+    Returns:
+        the protocol; on rank 0 as written beside the .npz, with "npz" and "npz_sha256" added.
+    Raises:
+        ValueError: bad counts, or a run folder of another protocol.
+    """
+    logger = logger or logging.getLogger(__name__)
+    if num_samples < 1:
+        raise ValueError(f"--num-fid-samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"--per-proc-batch-size must be at least 1, got {batch_size}")
+    run_dir, npz_path = Path(run_dir), Path(npz_path)
+    num_batches = -(-num_samples // batch_size)
+    opened = None
+    if env.is_main:
+        protocol = sampling_protocol(loaded, codec, spec, seed=seed, num_samples=num_samples,
+                                     batch_size=batch_size, device=env.device, tf32=tf32)
+        try:
+            opened = (None, protocol, _open_run(run_dir, protocol, num_batches))
+        except ValueError as e:
+            opened = (str(e), None, None)
+    # Every rank stops on a refused folder, instead of waiting for rank 0 at the next barrier.
+    error, protocol, todo = broadcast_object(opened)
+    if error:
+        raise ValueError(error)
+    logger.info(f"{run_dir}: sampling {len(todo)} of {num_batches} batches of {batch_size} "
+                f"({num_batches - len(todo)} already done) on {env.world_size} process(es)")
+
+    num_classes = loaded.config["num_classes"]
+    mine = todo[env.rank::env.world_size]
+    for batch in tqdm(mine, desc="batches", disable=not env.is_main):
+        indices = range(batch * batch_size, (batch + 1) * batch_size)
+        labels = torch.tensor(image_labels(seed, indices, num_classes), device=env.device)
+        images = to_uint8(sample_images(loaded.model, codec, labels, image_seeds(seed, indices), spec))
+        keep = min(batch_size, num_samples - batch * batch_size)
+        atomic_write(_part_path(run_dir, batch), lambda f: np.savez(
+            f, images=images[:keep], labels=labels[:keep].cpu().numpy(), indices=np.asarray(indices[:keep])))
+    barrier()
+
+    if save_png:
+        _write_pngs(run_dir, range(env.rank, num_batches, env.world_size), batch_size, num_samples)
+        barrier()
+    if env.is_main:
+        write_npz(npz_path, run_dir, num_samples=num_samples, batch_size=batch_size)
+        protocol = {**protocol, "npz": os.path.abspath(npz_path), "npz_sha256": file_sha256(npz_path)}
+        atomic_write_json(npz_path.with_suffix(".json"), protocol)
+        logger.info(f"saved {npz_path} ({num_samples} images, {protocol['image_size']} px) and "
+                    f"{npz_path.with_suffix('.json')}")
+    barrier()
+    return protocol
+
+
+def run_sample_ddp(args: argparse.Namespace) -> Path:
+    """sample_ddp.py: an FID sample set under torchrun (or one process), resumable."""
+    if args.npz and not args.npz.endswith(".npz"):
+        raise ValueError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
+    env = init_distributed(args.device)
+    try:
+        if args.tf32:
+            enable_tf32()
+        spec = SamplingSpec(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+                            guide_all_channels=args.guide_all_channels,
+                            precision=resolve_precision(args.precision, env.device))
+        loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
+                                          num_heads=args.num_heads, vae=args.vae, device=env.device)
+        name = run_name(args.ckpt, spec, args.global_seed, args.num_fid_samples)
+        run_dir = Path(args.sample_dir) / name
+        npz_path = Path(args.npz) if args.npz else Path(args.sample_dir) / f"{name}.npz"
+        logger = create_logger(env, run_dir)
+        logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.sampler}, {spec.num_steps} steps, cfg "
+                    f"{spec.cfg_scale:g}, {spec.precision}, vae {codec.name}, {env.device.type}")
+        generate_fid_samples(loaded, codec, spec, env=env, seed=args.global_seed, num_samples=args.num_fid_samples,
+                             batch_size=args.per_proc_batch_size, run_dir=run_dir, npz_path=npz_path,
+                             tf32=args.tf32, save_png=args.save_png, logger=logger)
+    finally:
+        cleanup()
+    return npz_path
+
+
+__all__ = [
+    "GRID_NROW", "SAMPLERS", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels",
+    "image_seeds", "load_for_sampling", "resolve_class_labels", "run_name", "run_sample", "run_sample_ddp",
+    "sample_images", "sample_latents", "sampling_protocol", "save_grid", "to_uint8", "write_npz",
+]
