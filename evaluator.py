@@ -1,7 +1,10 @@
-"""Scores generated images against a reference set with the metrics of the ADM suite, in PyTorch:
+r"""Scores generated images against a reference set with the metrics of the ADM suite, in PyTorch:
 Inception Score, FID, sFID, precision and recall (k = 3).
 
     python evaluator.py data/VIRTUAL_imagenet256_labeled.npz samples.npz --out results.json
+    python evaluator.py ref.npz teacher.npz pruned.npz recovered.npz --out all.json
+
+Several sample sets are each scored against the reference, whose features are computed once.
 
 Both sets are .npz batches (arr_0: uint8, N x H x W x 3, as sample_ddp.py writes) or folders of
 PNG/JPEG images. A reference .npz carrying precomputed Inception statistics (mu, sigma, mu_s,
@@ -17,13 +20,13 @@ tinyfusion.evaluation.save_feature_extractor), for images where Inception featur
 import argparse
 
 from tinyfusion.args import Parser
-from tinyfusion.evaluation import evaluate, format_results, load_extractor, resolve_device, write_results
+from tinyfusion.evaluation import evaluate_many, format_results, load_extractor, resolve_device, write_results
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("ref_batch", type=str, help="reference set: .npz (images and/or statistics) or image folder")
-    parser.add_argument("sample_batch", type=str, help="sample set: .npz or image folder")
+    parser.add_argument("sample_batches", type=str, nargs="+", help="sample set(s): .npz or image folder")
     features = parser.add_argument_group("features").add_mutually_exclusive_group()
     features.add_argument("--inception-weights", type=str, default=None, metavar="PATH",
                           help="torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth); "
@@ -49,11 +52,12 @@ def parse_args(argv=None):
 def main(args):
     device = resolve_device(args.device)
     extractor = load_extractor(args.feature_extractor, args.inception_weights, download=args.download)
-    results = evaluate(args.ref_batch, args.sample_batch, extractor, batch_size=args.batch_size, device=device,
-                       use_ref_stats=args.ref_stats, fid_method=args.fid_method, log=print)
-    print(format_results(results))
+    results = evaluate_many(args.ref_batch, args.sample_batches, extractor, batch_size=args.batch_size,
+                            device=device, use_ref_stats=args.ref_stats, fid_method=args.fid_method, log=print)
+    for result in results:
+        print(format_results(result))
     if args.out is not None:
-        write_results(args.out, results)
+        write_results(args.out, results[0] if len(results) == 1 else results)
         print(f"results written to {args.out}")
 
 

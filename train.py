@@ -8,7 +8,7 @@ Checkpoints go to RESULTS_DIR/PREFIX/checkpoints every --ckpt-every steps; runni
 again resumes from the latest one. `--model` is optional when the checkpoint describes itself.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args
+from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args
 from tinyfusion.training import run_train
 
 
@@ -17,10 +17,7 @@ def parse_args(argv=None):
     add_model_args(parser, ckpt_flag="--load-weight")
     add_training_args(parser, global_batch_size=256, ema_decay=0.9999)
     add_runtime_args(parser)
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute block activations in the backward pass to save memory")
-    parser.add_argument("--save-model", type=str, default=None,
-                        help="also write the final model (weights and EMA, no optimizer) to this file")
+    add_recovery_args(parser)
     return parser.parse_args(argv)
 
 

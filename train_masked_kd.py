@@ -9,7 +9,7 @@ distilled from the teacher block it was pruned from (read from the student check
 --layer-map overrides it. Running the same command again resumes the run.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args
+from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args
 from tinyfusion.kd import run_masked_kd
 
 
@@ -30,10 +30,7 @@ def parse_args(argv=None):
                        help="mask hidden-state entries beyond this many std from their mean; 0 disables the mask")
     group.add_argument("--layer-map", type=str, default=None,
                        help="student:teacher block pairs, e.g. '0:0,1:2'; default: from the student's lineage")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute the student's block activations in the backward pass to save memory")
-    parser.add_argument("--save-model", type=str, default=None,
-                        help="also write the final student (weights and EMA, no optimizer) to this file")
+    add_recovery_args(parser)
     return parser.parse_args(argv)
 
 

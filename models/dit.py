@@ -351,7 +351,7 @@ def _factory(depth: int, hidden_size: int, patch_size: int, num_heads: int):
     return make
 
 
-_SIZES = {"Nano": (8, 96, 4), "Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+_SIZES = {"Nano": (8, 64, 4), "Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
           "XL": (28, 1152, 16)}
 
 DiT_models = {

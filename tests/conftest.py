@@ -61,6 +61,27 @@ def run_cli(args: list[str], cwd: Path | None = None, nproc: int = 1, timeout: f
     return proc
 
 
+def interrupt_with_sigterm(args: list[str], metrics: Path, after_lines: int, timeout: float = 300) -> str:
+    """Starts a script, sends it SIGTERM once its metrics.jsonl has `after_lines` lines, and returns its
+    output; asserts that it saved and exited with 143 (preempted)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines) and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 143, output
+    assert "stopped by SIGTERM" in output
+    return output
+
+
 def write_features(root: Path, latents, labels, num_classes: int) -> Path:
     """A feature folder in the sharded layout from (N, copies, C, H, W) latents and (N,) labels."""
     from tinyfusion.features import write_index, write_shard

@@ -136,13 +136,18 @@ def test_model_name_that_disagrees_lists_the_fields(tmp_path):
     assert "patch_size" not in message  # both are 2
 
 
-def test_gated_name_wraps_the_loaded_model(tmp_path):
+def test_gates_wrap_the_loaded_model(tmp_path):
+    save_model(tmp_path / "m.pt", tiny_dit(depth=4))
+    loaded = load_model(tmp_path / "m.pt", groups="2x1:2")
+    assert isinstance(loaded.model, GatedModel) and loaded.model.gates.depth == 4
+    with pytest.raises(ValueError, match="cover 6 blocks"):
+        load_model(tmp_path / "m.pt", groups="3x1:2")
+    # a gated preset name checks the base architecture, then wraps it in its groups
+    with pytest.raises(ValueError, match="depth: the model name says 14, the checkpoint has 4"):
+        load_model(tmp_path / "m.pt", "DiT-D14-1-2")
     with torch.device("meta"):
-        d14 = DiT_models["DiT-D14/2"](input_size=4)
-    sd = {k: torch.zeros(v.shape) for k, v in d14.state_dict().items()}
-    torch.save(sd, tmp_path / "d14.pt")
-    loaded = load_model(tmp_path / "d14.pt", "DiT-D14-1-2")
-    assert isinstance(loaded.model, GatedModel) and loaded.model.gates.depth == 14
+        gated = DiT_models["DiT-D14-1-2"](input_size=4)
+    assert isinstance(gated, GatedModel) and gated.gates.groups == [(1, 2)] * 7
 
 
 def test_missing_and_truncated_files(tmp_path):

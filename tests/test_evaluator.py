@@ -337,9 +337,12 @@ def test_cli_with_a_feature_extractor_of_ones_own(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=ref, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32))
     np.savez(tmp_path / "sample.npz", arr_0=sample)
     out = tmp_path / "results.json"
-    proc = run_cli(["evaluator.py", str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--feature-extractor",
-                    str(tmp_path / "digits.pt"), "--out", str(out), "--device", "cpu"], timeout=300)
-    results = json.loads(out.read_text())
+    np.savez(tmp_path / "sample2.npz", arr_0=random_images(16, size=8, seed=7))
+    proc = run_cli(["evaluator.py", str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"),
+                    str(tmp_path / "sample2.npz"), "--feature-extractor", str(tmp_path / "digits.pt"), "--out",
+                    str(out), "--device", "cpu"], timeout=300)
+    results, second = json.loads(out.read_text())["results"]  # several sample sets, one reference
+    assert second["num_sample_images"] == 16 and second["metrics"]["fid"] != results["metrics"]["fid"]
     assert results["feature_space"] == "digits-classifier"
     assert results["reference_statistics"] == {"pool": "computed", "spatial": "computed"}
     assert "they are not used" in proc.stdout and "FID (feature space: digits-classifier)" in proc.stdout

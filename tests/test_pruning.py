@@ -4,11 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_dit
+from conftest import interrupt_with_sigterm, run_cli, tiny_dit
 
 from models import DiT, prune_depth
-from tinyfusion.checkpoint import load_model, save_model
-from tinyfusion.pruning import first_k_indices, kept_from_pruned, linear_anneal, oracle_indices
+from tinyfusion.checkpoint import load_model, read_checkpoint, save_model
+from tinyfusion.pruning import (
+    first_k_indices,
+    kept_from_pruned,
+    linear_anneal,
+    oracle_indices,
+    read_decision_history,
+)
 from tinyfusion.scores import block_influence, select_kept
 
 
@@ -49,6 +55,25 @@ def test_learned_pruning_is_the_same_on_one_and_two_processes(planted, tmp_path)
     assert d1["confidence"] == pytest.approx(d2["confidence"], abs=1e-5)
     m1, m2 = ([json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two))
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-5)
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_gates(planted, tmp_path):
+    _learn(planted, tmp_path, "--log-every", "1", prefix="straight")
+    args = ["prune_by_learning.py", "--load-weight", str(planted["ckpt"]), "--groups", "3x1:2", "--data-path",
+            str(planted["data"]), "--results-dir", str(tmp_path), "--prefix", "resumed", "--max-steps", "24",
+            "--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--ema-decay", "0.8", "--delta-w",
+            "--lora", "--lora-rank", "2", "--save-model", str(tmp_path / "resumed.pt")]
+    interrupt_with_sigterm(args, tmp_path / "resumed" / "metrics.jsonl", after_lines=5)
+    assert not (tmp_path / "resumed.pt").exists()
+    run_cli(args)
+    straight, resumed = (read_checkpoint(tmp_path / p / "checkpoints" / "step-0000024.pt") for p in ("straight",
+                                                                                                     "resumed"))
+    for key in straight["model"]:  # gates, LoRA and weights: the same numbers
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    assert json.loads((tmp_path / "straight" / "decisions.json").read_text())["kept_indices"] == \
+        json.loads((tmp_path / "resumed" / "decisions.json").read_text())["kept_indices"]
+    history = read_decision_history(tmp_path / "resumed" / "decisions.jsonl")
+    assert [h["step"] for h in history] == list(range(1, 25))  # steps redone after the stop are logged once
 
 
 def test_gates_that_do_not_cover_the_model_are_refused(planted, tmp_path):

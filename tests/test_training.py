@@ -1,16 +1,11 @@
 """Recovery: train.py and train_masked_kd.py through the real CLI, and the Masked KD loss."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_dit, write_features
+from conftest import interrupt_with_sigterm, run_cli, tiny_dit, write_features
 
 from diffusion import create_diffusion
 from models import prune_depth
@@ -162,24 +157,23 @@ def _params(run_dir, step):
 def test_sigterm_saves_and_the_resumed_run_equals_a_straight_run(planted, tmp_path):
     args = ["--max-steps", "30", "--ckpt-every", "1000", "--log-every", "1"]
     _train(planted, tmp_path, *args, prefix="straight")
-    cmd = [sys.executable, "train.py", "--model", "DiT-Nano/2", "--data-path", str(planted["data"]), "--results-dir",
-           str(tmp_path), "--prefix", "resumed", "--global-batch-size", "8", "--num-workers", "0", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "resumed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, output
-    assert "stopped by SIGTERM" in output
+    interrupt_with_sigterm(["train.py", "--model", "DiT-Nano/2", "--data-path", str(planted["data"]), "--results-dir",
+                            str(tmp_path), "--prefix", "resumed", "--global-batch-size", "8", "--num-workers", "0",
+                            *args], tmp_path / "resumed" / "metrics.jsonl", after_lines=3)
     stopped_at = read_checkpoint(sorted((tmp_path / "resumed" / "checkpoints").glob("*.pt"))[-1])
     assert 3 <= stopped_at["training_state"]["step"] < 30
     _train(planted, tmp_path, *args, prefix="resumed")
     a, b = _params(tmp_path / "straight", 30), _params(tmp_path / "resumed", 30)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_gradient_accumulation_equals_one_big_batch(planted, tmp_path):
+    _train(planted, tmp_path, "--max-steps", "3", "--ckpt-every", "3", prefix="whole")
+    _train(planted, tmp_path, "--max-steps", "3", "--ckpt-every", "3", "--micro-batch-size", "2", prefix="micro")
+    a, b = _params(tmp_path / "whole", 3), _params(tmp_path / "micro", 3)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
 def test_two_processes_give_the_same_parameters(planted, student, tmp_path):

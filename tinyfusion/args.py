@@ -116,3 +116,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     group.add_argument("--ema-decay", type=float, default=ema_decay)
+
+
+def add_recovery_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the scripts that train a model to keep (train.py, train_masked_kd.py)."""
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute block activations in the backward pass to save memory")
+    parser.add_argument("--save-model", type=str, default=None,
+                        help="also write the final model (weights and EMA, no optimizer) to this file")

@@ -32,15 +32,12 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, read_checkpoint
 from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
-from .features import FeatureDataset, GlobalBatchSampler, derive_seed
+from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .precision import autocast, grad_scaler
 
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "num_workers", "tensorboard", "device",
-                     "max_nonfinite_steps"}
-
-# Seed purposes: every stream of random numbers has its own, so they never overlap.
-_STEP_RANDOMNESS = 2
+                     "max_nonfinite_steps", "save_model"}
 
 
 @dataclasses.dataclass
@@ -116,7 +113,7 @@ def step_draws(seed: int, step: int, global_batch_size: int, latent_shape, num_t
     "t" (B,) timesteps, "noise" (B, C, H, W), "drop_ids" (B,) label dropout, and with gates
     "gate_uniform" (B, K). Drawn on env.device from a generator seeded by (seed, step) alone.
     """
-    g = torch.Generator(device=env.device).manual_seed(derive_seed(_STEP_RANDOMNESS, seed, step))
+    g = torch.Generator(device=env.device).manual_seed(derive_seed(SeedPurpose.TRAIN_STEP, seed, step))
     dev, B = env.device, global_batch_size
     draws = {
         "t": torch.randint(0, num_timesteps, (B,), generator=g, device=dev),
@@ -357,12 +354,8 @@ class Trainer:
         consecutive_bad, window = 0, _Window()
         try:
             for x, y in self._loader():
-                self.task.before_step(self.step, c.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * self._lr_factor(self.step)
-                metrics, ok = self._train_step(x.to(self.env.device, non_blocking=True),
-                                               y.to(self.env.device, non_blocking=True))
-                self.step += 1
+                metrics, ok = self.train_step(x.to(self.env.device, non_blocking=True),
+                                              y.to(self.env.device, non_blocking=True))
                 window.add(metrics, self.micro_batch_size * self.accum_steps)
                 if ok:
                     consecutive_bad = 0
@@ -394,8 +387,15 @@ class Trainer:
                 writer.close()
         return self.ema.model
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, bool]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, bool]:
+        """One optimisation step on this process's share (x, y) of the global batch; advances `step`.
+
+        Returns the step's metrics and whether it was applied (False: skipped as non-finite).
+        """
         c = self.config
+        self.task.before_step(self.step, c.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * self._lr_factor(self.step)
         rnd = self.step_randomness(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -424,6 +424,7 @@ class Trainer:
             self.ema.update()
         self.scaler.update()
         sums["grad_norm"] = float(grad_norm)
+        self.step += 1
         return sums, ok
 
     # ----------------------------------------------------------------- logging

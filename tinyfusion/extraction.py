@@ -38,7 +38,7 @@ from models import DiT
 
 from .checkpoint import registry_spec
 from .distributed import DistEnv, barrier
-from .features import FeatureIndex, derive_seed, shard_done, write_index, write_shard
+from .features import FeatureIndex, SeedPurpose, derive_seed, shard_done, write_index, write_shard
 from .fileio import atomic_write_json
 from .images import CroppedImages, ImageList
 from .precision import autocast
@@ -47,9 +47,6 @@ from .vae import HUB_VAES, LatentCodec
 PLAN_FILE = "extraction.json"
 SKIPPED_FILE = "skipped.json"
 PLAN_FORMAT = "tinyfusion-extraction"
-
-# Seed purpose of the VAE posterior samples (see derive_seed): its own stream of random numbers.
-_ENCODE_RANDOMNESS = 3
 
 # Settings that change what a shard holds, and the flag that sets each: a folder made with other
 # values is refused. The data path is not among them (a moved folder holds the same images;
@@ -64,7 +61,7 @@ _SETTING_FLAGS = {
 
 def encode_seed(global_seed: int, index: int, copy: int) -> int:
     """The seed of the posterior sample of copy `copy` (0 image, 1 mirror) of image `index`."""
-    return derive_seed(_ENCODE_RANDOMNESS, global_seed, index, copy)
+    return derive_seed(SeedPurpose.ENCODE, global_seed, index, copy)
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[range]:

@@ -228,6 +228,18 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+class SeedPurpose:
+    """The first value of every `derive_seed` call: each stream of random numbers has its own, so
+    that no two of them ever share a seed."""
+
+    DATA_ORDER = 1  # epoch permutations and mirror choices (GlobalBatchSampler)
+    TRAIN_STEP = 2  # a training step's timesteps, noise, label dropout and gate noise (engine)
+    ENCODE = 3  # the VAE posterior sample of an image (extract_features)
+    RANDOM_SCORES = 4  # the random pruning criterion (prune_by_score)
+    SAMPLE_NOISE = 101  # an image's starting noise and step noise (sampling)
+    SAMPLE_LABEL = 102  # an image's class label in an FID run (sampling)
+
+
 def derive_seed(*values: int) -> int:
     """A seed for a (purpose, seed, step, ...) tuple; used for every random draw of a run."""
     return _mix(*values)
@@ -267,7 +279,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(permutation (N,), mirror choice (N,)) of an epoch."""
-        g = torch.Generator().manual_seed(derive_seed(1, self.seed, epoch))
+        g = torch.Generator().manual_seed(derive_seed(SeedPurpose.DATA_ORDER, self.seed, epoch))
         perm = torch.randperm(self.num_items, generator=g)
         flips = torch.randint(0, 2, (self.num_items,), generator=g) if self.copies > 1 else \
             torch.zeros(self.num_items, dtype=torch.long)

@@ -1,8 +1,8 @@
 """Sampling a class-conditional DiT: image grids (sample.py) and FID sample sets (sample_ddp.py).
 
 Every image is a function of its own seed. Image i of a run draws its starting noise and the noise
-of every sampling step from a generator seeded with `derive_seed(NOISE_STREAM, seed, i)`, and in an
-FID run its class label (uniform over the classes) from `derive_seed(LABEL_STREAM, seed, i)`. So a
+of every sampling step from a generator seeded with `derive_seed(SeedPurpose.SAMPLE_NOISE, seed, i)`, and in an
+FID run its class label (uniform over the classes) from `derive_seed(SeedPurpose.SAMPLE_LABEL, seed, i)`. So a
 sample set does not depend on the number of processes: at the same per-process batch size it is
 byte-identical, because every batch holds the same images (batches are always full: the last one is
 padded with extra indices whose images are dropped), and at another batch size it differs only by
@@ -41,7 +41,7 @@ from diffusion import create_diffusion
 
 from .checkpoint import LoadedModel, file_sha256, load_model
 from .distributed import DistEnv, barrier, broadcast_object, cleanup, create_logger, init_distributed
-from .features import derive_seed
+from .features import SeedPurpose, derive_seed
 from .fileio import atomic_write, atomic_write_json
 from .precision import PRECISIONS, autocast, enable_tf32, resolve_precision
 from .vae import LatentCodec, load_codec
@@ -51,8 +51,6 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 SHOWCASE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 GRID_NROW = 4
 NUM_TRAIN_TIMESTEPS = 1000
-# Purposes passed to derive_seed, so an image's noise and its label are independent draws.
-NOISE_STREAM, LABEL_STREAM = 101, 102
 PROTOCOL_FORMAT = "tinyfusion-samples"
 PROTOCOL_VERSION = 1
 # Protocol fields that do not change a single pixel: a resumed run may differ in them.
@@ -140,13 +138,13 @@ def resolve_class_labels(labels: Sequence[int] | None, num_classes: int) -> list
 
 def image_seeds(seed: int, indices: Iterable[int]) -> list[int]:
     """The noise seed of each image index of a run with seed `seed`."""
-    return [derive_seed(NOISE_STREAM, seed, i) for i in indices]
+    return [derive_seed(SeedPurpose.SAMPLE_NOISE, seed, i) for i in indices]
 
 
 def image_labels(seed: int, indices: Iterable[int], num_classes: int) -> list[int]:
     """The class label of each image index of an FID run: uniform over the classes, from its own seed."""
     # derive_seed gives 63 bits, so the modulo bias is below 1e-15 for any class count.
-    return [derive_seed(LABEL_STREAM, seed, i) % num_classes for i in indices]
+    return [derive_seed(SeedPurpose.SAMPLE_LABEL, seed, i) % num_classes for i in indices]
 
 
 #################################################################################
@@ -322,8 +320,8 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         "num_classes": config["num_classes"],
         "precision": spec.precision, "tf32": bool(tf32 and device.type == "cuda"), "device": device.type,
         "global_seed": seed, "num_samples": num_samples, "per_process_batch_size": batch_size,
-        "seeds": f"image i: noise from derive_seed({NOISE_STREAM}, global_seed, i), label "
-                 f"derive_seed({LABEL_STREAM}, global_seed, i) % num_classes",
+        "seeds": f"image i: noise from derive_seed({SeedPurpose.SAMPLE_NOISE}, global_seed, i), label "
+                 f"derive_seed({SeedPurpose.SAMPLE_LABEL}, global_seed, i) % num_classes",
         "torch": torch.__version__,
         "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 class labels (N,)"},
     }

@@ -21,13 +21,12 @@ from diffusion import create_diffusion
 from .checkpoint import load_model
 from .distributed import all_reduce_sum, barrier, cleanup, create_logger, init_distributed
 from .engine import step_draws
-from .features import FeatureDataset, GlobalBatchSampler, derive_seed
+from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .precision import autocast, enable_tf32, resolve_precision
 from .pruning import save_pruned
 from .training import check_data_fits
 
 CRITERIA = ("bi", "loss", "random")
-_RANDOM_SCORES = 3  # seed purpose of the random criterion
 
 
 class _BlockIO:
@@ -103,7 +102,7 @@ def loss_sensitivity(model: nn.Module, diffusion, batches: Sequence[dict]) -> tu
 
 
 def random_scores(depth: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(derive_seed(_RANDOM_SCORES, seed))
+    g = torch.Generator().manual_seed(derive_seed(SeedPurpose.RANDOM_SCORES, seed))
     return torch.rand(depth, generator=g, dtype=torch.float64)
 
 

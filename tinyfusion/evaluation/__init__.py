@@ -25,12 +25,21 @@ from .inception import (
     resolve_inception_weights,
 )
 from .metrics import FIDStatistics, fid_statistics, frechet_distance, inception_score, precision_recall, softmax
-from .pipeline import METRICS, evaluate, format_results, load_extractor, metric_label, resolve_device, write_results
+from .pipeline import (
+    METRICS,
+    evaluate,
+    evaluate_many,
+    format_results,
+    load_extractor,
+    metric_label,
+    resolve_device,
+    write_results,
+)
 
 __all__ = [
     "FEATURE_EXTRACTORS", "FEATURE_KINDS", "INCEPTION_FILENAME", "INCEPTION_URL", "METRICS", "ArrayImages",
     "FIDStatistics", "FeatureExtractor", "FolderImages", "ImageSet", "InceptionV3Features", "NpzImages",
-    "SmallClassifier", "classifier_accuracy", "default_inception_path", "evaluate", "extract_features",
+    "SmallClassifier", "classifier_accuracy", "default_inception_path", "evaluate", "evaluate_many", "extract_features",
     "fid_statistics", "format_results", "frechet_distance", "inception_score", "load_extractor",
     "load_feature_extractor", "load_inception", "match_channels", "metric_label", "open_images",
     "precision_recall", "resolve_device", "resolve_inception_weights", "save_feature_extractor", "softmax",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,10 +78,7 @@ def _reference_statistics(ref: ImageSet, extractor: FeatureExtractor, use_ref_st
 
 
 def evaluate(ref: str | os.PathLike | np.ndarray | ImageSet, sample: str | os.PathLike | np.ndarray | ImageSet,
-             extractor: FeatureExtractor, *, batch_size: int = 64, device: str | torch.device = "cpu",
-             use_ref_stats: bool = True, fid_method: str = "sqrtm", split_size: int = IS_SPLIT_SIZE,
-             k: int = PR_NEIGHBOURHOOD, pr_batch_size: int = PR_BATCH_SIZE, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict:
+             extractor: FeatureExtractor, **kwargs) -> dict:
     """Inception Score, FID, sFID, precision and recall of `sample` against `ref`, as ADM defines them.
 
     The Inception Score is the sample's. A reference .npz with precomputed `mu`/`sigma` (`mu_s`/
@@ -93,6 +90,25 @@ def evaluate(ref: str | os.PathLike | np.ndarray | ImageSet, sample: str | os.Pa
         ref: the reference set: an .npz path, an image folder, a uint8 (N, H, W, C) array or an ImageSet.
         sample: the sample set, likewise (images required).
         extractor: the feature extractor (`load_extractor`, `load_inception`, a SmallClassifier...).
+        **kwargs: the options of `evaluate_many`.
+    Returns:
+        {"feature_space", "reference", "sample", "num_reference_images", "num_sample_images",
+         "reference_statistics": {"pool", "spatial": "precomputed", "computed" or None}, "metrics":
+         {name: value, None when skipped}, "notes": [str]}.
+    """
+    return evaluate_many(ref, [sample], extractor, **kwargs)[0]
+
+
+def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
+                  samples: Sequence[str | os.PathLike | np.ndarray | ImageSet], extractor: FeatureExtractor, *,
+                  batch_size: int = 64, device: str | torch.device = "cpu", use_ref_stats: bool = True,
+                  fid_method: str = "sqrtm", split_size: int = IS_SPLIT_SIZE, k: int = PR_NEIGHBOURHOOD,
+                  pr_batch_size: int = PR_BATCH_SIZE, progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> list[dict]:
+    """`evaluate` of several sample sets against one reference, whose features are computed once.
+
+    Args:
+        ref, samples, extractor: as for `evaluate`, with a list of sample sets.
         batch_size: images per forward pass.
         device: where the features and distances are computed.
         use_ref_stats: use the precomputed statistics of the reference when they fit the extractor.
@@ -101,70 +117,83 @@ def evaluate(ref: str | os.PathLike | np.ndarray | ImageSet, sample: str | os.Pa
         k: neighbourhood size of precision and recall.
         pr_batch_size: rows and columns of one block of distances for precision and recall.
         progress: show progress bars.
-        log: called with each note (e.g. print), as well as recording it in the result.
+        log: called with each note (e.g. print), as well as recording it in the results.
     Returns:
-        {"feature_space", "reference", "sample", "num_reference_images", "num_sample_images",
-         "reference_statistics": {"pool", "spatial": "precomputed", "computed" or None}, "metrics":
-         {name: value, None when skipped}, "notes": [str]}.
+        one result dict (see `evaluate`) per sample set, in order.
     """
     if fid_method not in FID_METHODS:
         raise ValueError(f"fid_method must be one of {', '.join(FID_METHODS)}, got {fid_method!r}")
-    ref_set, sample_set = open_images(ref, "reference"), open_images(sample, "sample")
-    if sample_set.num_images == 0:
-        raise ValueError(f"{sample_set.name} holds no images (arr_0): the sample set needs them")
-    notes = []
+    ref_set = open_images(ref, "reference")
+    sample_sets = [open_images(sample, "sample") for sample in samples]
+    for sample_set in sample_sets:
+        if sample_set.num_images == 0:
+            raise ValueError(f"{sample_set.name} holds no images (arr_0): the sample set needs them")
+    ref_notes: list[str] = []
 
-    def note(message: str) -> None:
-        notes.append(message)
+    def ref_note(message: str) -> None:
+        ref_notes.append(message)
         if log is not None:
             log(message)
 
-    ref_stats = _reference_statistics(ref_set, extractor, use_ref_stats, note)
+    ref_stats = _reference_statistics(ref_set, extractor, use_ref_stats, ref_note)
     if ref_set.num_images == 0 and not ref_stats:
         raise ValueError(f"{ref_set.name} holds no images (arr_0), and its precomputed statistics cannot be used "
                          f"with {extractor.name} features (see the note above): give a reference with images")
-    sample_features = extract_features(sample_set, extractor, batch_size=batch_size, device=device, progress=progress)
-    for kind, stats in ref_stats.items():
-        if stats.dim != sample_features[kind].shape[1]:
-            raise ValueError(f"the precomputed {kind} statistics of {ref_set.name} have {stats.dim} dimensions, "
-                             f"but the {extractor.name} {kind} features have {sample_features[kind].shape[1]}")
     ref_features = (extract_features(ref_set, extractor, batch_size=batch_size, device=device, progress=progress)
                     if ref_set.num_images else None)
-
-    metrics = {"inception_score": inception_score(softmax(sample_features["logits"]), split_size)}
-    statistics = {}
-    for metric, kind in (("fid", "pool"), ("sfid", "spatial")):
+    references: dict[str, tuple[FIDStatistics, str]] = {}
+    for kind in ("pool", "spatial"):
         if kind in ref_stats:
-            reference, statistics[kind] = ref_stats[kind], "precomputed"
+            references[kind] = (ref_stats[kind], "precomputed")
         elif ref_features is not None:
-            reference, statistics[kind] = fid_statistics(ref_features[kind]), "computed"
-        else:
-            note(f"{METRICS[metric]} skipped: {ref_set.name} has neither images nor precomputed statistics of "
-                 f"the {kind} features")
-            metrics[metric], statistics[kind] = None, None
-            continue
-        metrics[metric] = reference.frechet_distance(fid_statistics(sample_features[kind]), method=fid_method)
-    smallest = min(ref_set.num_images, sample_set.num_images)
-    if ref_features is None:
-        note(f"Precision and Recall skipped: they need the reference images, and {ref_set.name} has "
-             "none (arr_0), only precomputed statistics")
-        metrics["precision"] = metrics["recall"] = None
-    elif smallest <= k:
-        note(f"Precision and Recall skipped: their k={k} nearest-neighbour balls need at least {k + 1} "
-             f"images per set, and a set has {smallest}")
-        metrics["precision"] = metrics["recall"] = None
-    else:
-        metrics["precision"], metrics["recall"] = precision_recall(
-            ref_features["pool"], sample_features["pool"], k=k, batch_size=pr_batch_size, device=device)
+            references[kind] = (fid_statistics(ref_features[kind]), "computed")
 
-    return {
-        "feature_space": extractor.name,
-        "reference": ref_set.name, "sample": sample_set.name,
-        "num_reference_images": ref_set.num_images, "num_sample_images": sample_set.num_images,
-        "reference_statistics": statistics,
-        "metrics": metrics,
-        "notes": notes,
-    }
+    results = []
+    for sample_set in sample_sets:
+        notes = list(ref_notes)
+
+        def note(message: str) -> None:
+            notes.append(message)
+            if log is not None:
+                log(message)
+
+        sample_features = extract_features(sample_set, extractor, batch_size=batch_size, device=device,
+                                           progress=progress)
+        metrics = {"inception_score": inception_score(softmax(sample_features["logits"]), split_size)}
+        statistics = {}
+        for metric, kind in (("fid", "pool"), ("sfid", "spatial")):
+            if kind not in references:
+                note(f"{METRICS[metric]} skipped: {ref_set.name} has neither images nor precomputed statistics of "
+                     f"the {kind} features")
+                metrics[metric], statistics[kind] = None, None
+                continue
+            reference, statistics[kind] = references[kind]
+            if reference.dim != sample_features[kind].shape[1]:
+                raise ValueError(f"the {statistics[kind]} {kind} statistics of {ref_set.name} have {reference.dim} "
+                                 f"dimensions, but the {extractor.name} {kind} features have "
+                                 f"{sample_features[kind].shape[1]}")
+            metrics[metric] = reference.frechet_distance(fid_statistics(sample_features[kind]), method=fid_method)
+        smallest = min(ref_set.num_images, sample_set.num_images)
+        if ref_features is None:
+            note(f"Precision and Recall skipped: they need the reference images, and {ref_set.name} has "
+                 "none (arr_0), only precomputed statistics")
+            metrics["precision"] = metrics["recall"] = None
+        elif smallest <= k:
+            note(f"Precision and Recall skipped: their k={k} nearest-neighbour balls need at least {k + 1} "
+                 f"images per set, and a set has {smallest}")
+            metrics["precision"] = metrics["recall"] = None
+        else:
+            metrics["precision"], metrics["recall"] = precision_recall(
+                ref_features["pool"], sample_features["pool"], k=k, batch_size=pr_batch_size, device=device)
+        results.append({
+            "feature_space": extractor.name,
+            "reference": ref_set.name, "sample": sample_set.name,
+            "num_reference_images": ref_set.num_images, "num_sample_images": sample_set.num_images,
+            "reference_statistics": statistics,
+            "metrics": metrics,
+            "notes": notes,
+        })
+    return results
 
 
 def metric_label(metric: str, feature_space: str) -> str:
@@ -189,12 +218,15 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str | os.PathLike, results: dict) -> None:
-    """Writes the results of `evaluate` as JSON (atomically); a non-finite value is written as a string."""
-    clean = dict(results, metrics={m: v if v is None or math.isfinite(v) else str(v)
-                                   for m, v in results["metrics"].items()})
-    atomic_write_json(path, clean)
+def write_results(path: str | os.PathLike, results: dict | Sequence[dict]) -> None:
+    """Writes the results of `evaluate` (a dict) or `evaluate_many` (a list of them, written as
+    {"results": [...]}) as JSON, atomically; a non-finite value is written as a string."""
+    def clean(result: dict) -> dict:
+        return dict(result, metrics={m: v if v is None or math.isfinite(v) else str(v)
+                                     for m, v in result["metrics"].items()})
+
+    atomic_write_json(path, clean(results) if isinstance(results, dict) else {"results": [clean(r) for r in results]})
 
 
-__all__ = ["METRICS", "evaluate", "format_results", "load_extractor", "metric_label", "resolve_device",
+__all__ = ["METRICS", "evaluate", "evaluate_many", "format_results", "load_extractor", "metric_label", "resolve_device",
            "write_results"]

@@ -1,0 +1,44 @@
+r"""Forward latency, throughput and peak memory of registry models or checkpoints; sampling speed.
+
+Usage (from the repository root):
+    python -m benchmarks.forward --models DiT-XL/2 DiT-D19/2 DiT-D14/2 DiT-D7/2 --batch-sizes 8 \
+        --precisions fp32 bf16 --out results/bench_forward.json
+    python -m benchmarks.forward --models outputs/pruned/DiT-D14-Learned.pt --sampling-steps 50 --cfg-scale 1.5
+
+Registry models get random weights (speed does not depend on them). The first model is the
+baseline of the speedup columns; "ideal" is its FLOPs over the model's. With --compare-diffusers,
+diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2's configuration.
+"""
+
+from tinyfusion.args import Parser
+from tinyfusion.benchmark import run_forward_benchmark
+from tinyfusion.precision import PRECISIONS
+
+
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
+                        help="registry names or checkpoint files")
+    parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    parser.add_argument("--precisions", choices=PRECISIONS, nargs="+", default=["fp32"])
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sampling-steps", type=int, default=0,
+                        help="also time the whole sampling loop with this many steps (0: skip)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--compare-diffusers", action="store_true",
+                        help="also time diffusers' DiTTransformer2DModel with DiT-XL/2's configuration")
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    run_forward_benchmark(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

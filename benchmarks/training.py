@@ -1,0 +1,36 @@
+r"""Training-step cost of train.py, train_masked_kd.py and prune_by_learning.py on one model and batch.
+
+Usage (from the repository root):
+    python -m benchmarks.training --model DiT-XL/2 --batch-size 32 --precision bf16 --out results/bench_train.json
+
+Reports steps/s, images/s and peak memory of each task's step through the shared training loop;
+for Masked KD the teacher forward's share of the step (student: the first half of the blocks),
+for learned pruning (1:2 gates, LoRA or full weight updates) its cost relative to a plain training
+step of the same model and batch, and the trainable fraction with LoRA.
+"""
+
+from tinyfusion.args import Parser
+from tinyfusion.benchmark import run_training_benchmark
+from tinyfusion.precision import PRECISIONS
+
+
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--model", default="DiT-XL/2", help="a registry name or a checkpoint file")
+    parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    run_training_benchmark(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

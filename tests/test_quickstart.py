@@ -1,0 +1,94 @@
+"""quickstart.py end to end (--fast), and the benchmark scripts at their smallest sizes."""
+
+import json
+import math
+
+import pytest
+from conftest import run_cli, tiny_dit
+
+from tinyfusion.checkpoint import save_model
+from tinyfusion.quickstart import FAST, METHODS, Quickstart, StepFailed
+
+
+def test_quickstart_fast_runs_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    proc = run_cli(["quickstart.py", "--fast", "--out", str(out)], timeout=900)
+    assert "quickstart finished" in proc.stdout
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert len(rows) == 3 + len(METHODS) + 1  # floor, teacher, ceiling, each method + KD, learned + fine-tuning
+    assert rows["real digits (other half)"]["fid_after"] >= 0
+    for name, row in rows.items():
+        if name.startswith("real"):
+            continue
+        for key in ("params_m", "latency_ms", "speedup", "fid_after", "seconds"):
+            assert math.isfinite(row[key]), (name, key)
+        assert row["depth"] == (8 if name.startswith("teacher") else 4)
+        if name != "teacher":
+            assert math.isfinite(row["fid_before"])
+    assert rows["teacher"]["speedup"] == 1.0
+    assert result["feature_space"] == "digits-classifier"
+    assert "FID after recovery (digits-classifier)" in (out / "results.md").read_text()
+    # every stage left its artifacts
+    for method in METHODS:
+        assert (out / "models" / f"{method}.pt").is_file() and (out / "models" / f"{method}+kd.pt").is_file()
+        assert (out / "grids" / f"{method}.png").is_file() and (out / "grids" / f"{method}+kd.png").is_file()
+    for name in ("teacher.pt", "teacher+train.pt", "learned-1-2+ft.pt"):
+        assert (out / "models" / name).is_file()
+    assert (out / "decisions-learned-1-2.png").is_file() and (out / "decisions-learned-4-8.png").is_file()
+    assert len(list((out / "samples").glob("*.npz"))) == 15 and (out / "classifier.pt").is_file()
+    assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
+    assert result["nproc"] == 1 and result["jobs"] >= 1 and result["wall_seconds"] > 0
+
+
+def test_a_failing_step_stops_with_its_command_and_output(tmp_path):
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0)
+    with pytest.raises(StepFailed) as info:
+        quickstart.script("broken", ["evaluator.py", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")],
+                          distributed=False)
+    message = str(info.value)
+    assert "step 'broken' failed" in message and "evaluator.py" in message and "missing.npz" in message
+    assert (tmp_path / "logs" / "broken.log").is_file()
+
+
+def test_an_existing_teacher_is_reused(tmp_path):
+    teacher = tmp_path / "models" / "teacher.pt"
+    save_model(teacher, tiny_dit())
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+    quickstart._bar = Bar()
+    assert quickstart.train_teacher() == teacher and quickstart.times == {}  # no script ran
+
+
+def test_forward_benchmark_smallest(tmp_path):
+    save_model(tmp_path / "pruned.pt", tiny_dit(depth=2, input_size=2))
+    out = tmp_path / "forward.json"
+    proc = run_cli(["-m", "benchmarks.forward", "--models", "DiT-Nano/2", str(tmp_path / "pruned.pt"),
+                    "--image-size", "16", "--batch-sizes", "2", "--precisions", "fp32", "bf16", "--warmup", "0",
+                    "--repeats", "1", "--sampling-steps", "2", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["forward"]) == 4 and len(result["sampling"]) == 2
+    baseline, pruned = result["forward"][:2]
+    assert baseline["speedup"] == 1.0 and baseline["ideal_speedup"] == 1.0
+    assert pruned["ideal_speedup"] > 1.0 and pruned["depth"] == 2  # fewer FLOPs than DiT-Nano/2
+    assert all(r["latency_ms"] > 0 and r["peak_mib"] > 0 for r in result["forward"])
+    assert "| model | depth |" in proc.stdout
+
+
+def test_training_benchmark_smallest(tmp_path):
+    out = tmp_path / "training.json"
+    run_cli(["-m", "benchmarks.training", "--model", "DiT-Nano/2", "--image-size", "16", "--batch-size", "4",
+             "--warmup", "0", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["task"]: r for r in result["rows"]}
+    assert set(rows) == {"train", "kd", "prune-lora", "prune-full"}
+    assert 0 < rows["kd"]["teacher_share"] < 1
+    assert rows["prune-lora"]["vs_train"] > 0 and rows["prune-full"]["vs_train"] > 0
+    assert 0 < result["lora_trainable_fraction"] < 1

@@ -1,0 +1,392 @@
+"""Measuring speed and memory: forward latency, sampling throughput and training-step cost.
+
+Timings synchronise CUDA around every measured call, discard warm-up calls (autotuning, lazy
+initialisation, torch.compile) and report the median. Ideal speedups come from FLOPs counted by
+torch's FlopCounterMode on the meta device (no weights needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion import create_diffusion
+from models import GatedModel, build_architecture, create_model, prune_depth
+
+from .checkpoint import LoadedModel, load_model
+from .distributed import DistEnv
+from .engine import TrainConfig, Trainer
+from .features import FeatureDataset, write_index, write_shard
+from .fileio import atomic_write_json
+from .kd import MaskedKDTask
+from .lora import add_lora, trainable_fraction
+from .precision import autocast
+from .pruning import LearnedPruningTask
+from .sampling import SamplingSpec, image_seeds, sample_latents
+from .training import DiffusionTask
+
+#################################################################################
+#                                     Timing                                    #
+#################################################################################
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict that holds, on exit, "peak_mib": CUDA's peak allocation during the block, or on
+    CPU the process's resident-set high-water mark (which only grows: the largest so far)."""
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield out
+    finally:
+        if device.type == "cuda":
+            out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            out["memory"] = "cuda peak allocated"
+        else:
+            out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            out["memory"] = "process peak RSS"
+
+
+def forward_flops(arch: str, config: dict, batch_size: int = 1) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_architecture(arch, config).eval()
+        size, channels = config["input_size"], config["in_channels"]
+        x = torch.empty(batch_size, channels, size, size)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, t)
+    return int(counter.get_total_flops())
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+#################################################################################
+#                                  Models to time                               #
+#################################################################################
+
+@dataclasses.dataclass
+class BenchModel:
+    name: str
+    model: nn.Module
+    arch: str
+    config: dict
+
+
+def bench_model(spec: str, input_size: int, device: torch.device, num_classes: int = 1000) -> BenchModel:
+    """A registry name (random weights: speed does not depend on them) or a checkpoint path."""
+    if Path(spec).is_file():
+        loaded: LoadedModel = load_model(spec)
+        model, arch, config = loaded.model, loaded.arch, loaded.config
+    else:
+        model = create_model(spec, input_size=input_size, num_classes=num_classes)
+        if isinstance(model, GatedModel):
+            raise ValueError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
+        arch, config = model.arch, dict(model.config)
+    return BenchModel(spec, model.to(device).eval(), arch, config)
+
+
+def _inputs(config: dict, batch_size: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    size, channels = config["input_size"], config["in_channels"]
+    x = torch.randn(batch_size, channels, size, size, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+    y = torch.randint(0, config["num_classes"], (batch_size,), generator=g).to(device)
+    return x, t, y
+
+
+#################################################################################
+#                                   Benchmarks                                  #
+#################################################################################
+
+def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], precisions: Sequence[str],
+                  compile_modes: Sequence[bool], device: torch.device, warmup: int, repeats: int,
+                  log: logging.Logger) -> list[dict]:
+    """Forward latency and throughput of every (model, batch size, precision, compile) combination.
+
+    The first model is the baseline of the speedup columns (measured, and ideal from FLOPs).
+    """
+    rows = []
+    for compiled in compile_modes:
+        for precision in precisions:
+            for batch_size in batch_sizes:
+                baseline = None
+                for bm in models:
+                    flops = forward_flops(bm.arch, bm.config, batch_size)
+                    fn = torch.compile(bm.model) if compiled else bm.model
+                    x, t, y = _inputs(bm.config, batch_size, device)
+
+                    def forward(fn=fn, x=x, t=t, y=y):
+                        with torch.no_grad(), autocast(precision, device):
+                            fn(x, t, y)
+
+                    with peak_memory(device) as memory:
+                        times = time_call(forward, device, warmup, repeats)
+                    latency = statistics.median(times)
+                    row = {"model": bm.name, "depth": bm.config["depth"], "params_m": parameter_count(bm.model) / 1e6,
+                           "batch": batch_size, "precision": precision, "compile": compiled,
+                           "gflops": flops / 1e9, "latency_ms": latency * 1e3, "images_per_s": batch_size / latency,
+                           "peak_mib": memory["peak_mib"], "memory": memory["memory"]}
+                    baseline = baseline or row
+                    row["speedup"] = baseline["latency_ms"] / row["latency_ms"]
+                    row["ideal_speedup"] = baseline["gflops"] / row["gflops"]
+                    rows.append(row)
+                    log.info(format_table([row], FORWARD_COLUMNS, header=False))
+    return rows
+
+
+def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int, cfg_scale: float, sampler: str,
+                   precision: str, device: torch.device, repeats: int, log: logging.Logger) -> list[dict]:
+    """Images per second of the whole sampling loop (latents; the VAE decode is not included)."""
+    rows = []
+    spec = SamplingSpec(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, precision=precision)
+    for bm in models:
+        labels = torch.arange(batch_size, device=device) % bm.config["num_classes"]
+        seeds = image_seeds(0, range(batch_size))
+        times = time_call(lambda bm=bm: sample_latents(bm.model, labels, seeds, spec), device, 1, repeats)
+        seconds = statistics.median(times)
+        row = {"model": bm.name, "batch": batch_size, "sampler": sampler, "steps": num_steps, "cfg": cfg_scale,
+               "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds}
+        rows.append(row)
+        log.info(format_table([row], SAMPLING_COLUMNS, header=False))
+    return rows
+
+
+def _random_features(root: Path, config: dict, count: int) -> FeatureDataset:
+    rng = np.random.default_rng(0)
+    size, channels = config["input_size"], config["in_channels"]
+    latents = rng.standard_normal((count, 1, channels, size, size)).astype(np.float32)
+    write_shard(root, 0, latents, rng.integers(0, config["num_classes"], count))
+    write_index(root, 1, num_classes=config["num_classes"], class_names=[], source={"random": True})
+    return FeatureDataset(root)
+
+
+def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv, warmup: int, repeats: int,
+                   lora_rank: int, log: logging.Logger) -> dict:
+    """Step cost of the three training scripts' tasks on one model and batch.
+
+    - train: plain diffusion training of the model;
+    - kd: Masked KD of its half-depth student (first half of the blocks) from the model as teacher,
+      and the teacher forward's share of the step;
+    - prune (LoRA and full): learned pruning with 1:2 gates over the model, and its cost relative to
+      plain training of the same model and batch; the trainable fraction with LoRA.
+    Each task builds its own models and frees them before the next (DiT-XL/2 with its optimizer and
+    EMA alone is ~14 GB in fp32).
+    """
+    diffusion = create_diffusion("", learn_sigma=bm.config["learn_sigma"])
+    results: dict = {"model": bm.name, "batch": batch_size, "precision": precision, "device": env.device.type}
+    bm.model.to("cpu")  # the tasks build their own copies
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = _random_features(Path(tmp) / "features", bm.config, batch_size)
+        x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in range(batch_size))))
+        bench = _TrainingBench(bm, dataset, diffusion, x, y, precision, env, warmup, repeats, Path(tmp), log)
+        rows = [bench.train(), bench.kd()]
+        for mode in ("lora", "full"):
+            row, fraction = bench.prune(mode, lora_rank)
+            row["vs_train"] = row["seconds_per_step"] / rows[0]["seconds_per_step"]
+            rows.append(row)
+            if fraction is not None:
+                results["lora_rank"], results["lora_trainable_fraction"] = lora_rank, fraction
+    results["rows"] = rows
+    return results
+
+
+class _TrainingBench:
+    """One timed task at a time through the real training step (Trainer.train_step)."""
+
+    def __init__(self, bm, dataset, diffusion, x, y, precision, env, warmup, repeats, tmp, log):
+        self.bm, self.dataset, self.diffusion, self.x, self.y = bm, dataset, diffusion, x, y
+        self.precision, self.env, self.warmup, self.repeats, self.tmp, self.log = (
+            precision, env, warmup, repeats, tmp, log)
+
+    def fresh(self) -> nn.Module:
+        torch.manual_seed(0)
+        return build_architecture(self.bm.arch, self.bm.config).to(self.env.device)
+
+    def time_steps(self, name: str, model: nn.Module, params: list, task) -> dict:
+        config = TrainConfig(run_dir=self.tmp / name, global_batch_size=len(self.x), total_steps=10**9, lr=1e-4,
+                             precision=self.precision, ema_decay=0.999)
+        trainer = Trainer(env=self.env, model=model, param_groups=[{"params": params}], task=task,
+                          dataset=self.dataset, config=config, num_timesteps=self.diffusion.num_timesteps,
+                          label_dropout=0.1, settings={}, logger=self.log, record=dict)
+        model.train()
+        with peak_memory(self.env.device) as memory:
+            seconds = statistics.median(time_call(lambda: trainer.train_step(self.x, self.y), self.env.device,
+                                                  self.warmup, self.repeats))
+        row = {"task": name, "seconds_per_step": seconds, "steps_per_s": 1 / seconds,
+               "images_per_s": len(self.x) / seconds, "peak_mib": memory["peak_mib"]}
+        self.log.info(format_table([row], TRAINING_COLUMNS, header=False))
+        return row
+
+    def train(self) -> dict:
+        model = self.fresh()
+        return self.time_steps("train", model, list(model.parameters()), DiffusionTask(self.diffusion))
+
+    def kd(self) -> dict:
+        teacher = self.fresh().eval().requires_grad_(False)
+        kept = list(range(self.bm.config["depth"] // 2))
+        student = prune_depth(teacher, kept).train().requires_grad_(True)
+        task = MaskedKDTask(self.diffusion, teacher, student.blocks, dict(enumerate(kept)), 0.9, 1e-2, 2.0)
+        row = self.time_steps("kd", student, list(student.parameters()), task)
+        t = torch.randint(0, self.diffusion.num_timesteps, self.y.shape, device=self.env.device)
+        x_t = self.diffusion.q_sample(self.x, t, torch.randn_like(self.x))
+
+        def teacher_forward():
+            with torch.no_grad(), autocast(self.precision, self.env.device):
+                teacher(x_t, t, self.y)
+
+        seconds = statistics.median(time_call(teacher_forward, self.env.device, self.warmup, self.repeats))
+        row["teacher_share"] = seconds / row["seconds_per_step"]
+        return row
+
+    def prune(self, mode: str, lora_rank: int) -> tuple[dict, float | None]:
+        gated = GatedModel(self.fresh(), f"{self.bm.config['depth'] // 2}x1:2")
+        fraction = None
+        if mode == "lora":
+            weights = add_lora(gated.model, rank=lora_rank)
+            trainable, total = trainable_fraction(gated.model, weights)
+            fraction = trainable / total
+        else:
+            weights = list(gated.model.parameters())
+        gated.gates.requires_grad_(True)
+        task = LearnedPruningTask(self.diffusion, gated, (4.0, 0.1), (100.0, 100.0), self.tmp)
+        return self.time_steps(f"prune-{mode}", gated, weights + list(gated.gates.parameters()), task), fraction
+
+
+#################################################################################
+#                                     Tables                                    #
+#################################################################################
+
+FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("batch", "{}"),
+                   ("precision", "{}"), ("compile", "{}"), ("gflops", "{:.3g}"), ("latency_ms", "{:.3g}"),
+                   ("images_per_s", "{:.2f}"), ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"),
+                   ("peak_mib", "{:.0f}")]
+SAMPLING_COLUMNS = [("model", "{}"), ("batch", "{}"), ("sampler", "{}"), ("steps", "{}"), ("cfg", "{:g}"),
+                    ("precision", "{}"), ("seconds", "{:.2f}"), ("images_per_s", "{:.2f}")]
+TRAINING_COLUMNS = [("task", "{}"), ("seconds_per_step", "{:.4f}"), ("steps_per_s", "{:.2f}"),
+                    ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"), ("teacher_share", "{:.0%}"),
+                    ("vs_train", "{:.2f}x")]
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], header: bool = True) -> str:
+    """A markdown table of `rows`; a missing value is left blank."""
+    lines = []
+    if header:
+        lines += ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [fmt.format(row[name]) if row.get(name) is not None else "" for name, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    atomic_write_json(path, payload)
+
+
+#################################################################################
+#                                  Entry points                                 #
+#################################################################################
+
+def _diffusers_dit(config: dict, device: torch.device) -> BenchModel:
+    """diffusers' port of the official DiT at a DiT configuration (same math, its own code)."""
+    from diffusers import DiTTransformer2DModel
+
+    heads = config["num_heads"]
+    model = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=config["hidden_size"] // heads, in_channels=config["in_channels"],
+        out_channels=config["in_channels"] * (2 if config["learn_sigma"] else 1), num_layers=config["depth"],
+        sample_size=config["input_size"], patch_size=config["patch_size"], num_embeds_ada_norm=config["num_classes"])
+
+    class Adapter(nn.Module):  # our call signature: model(x, t, y)
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, t, y):
+            return self.inner(x, timestep=t, class_labels=y).sample
+
+    return BenchModel("diffusers DiT (XL/2 config)", Adapter().to(device).eval(), "DiT", config)
+
+
+def _setup(args) -> tuple[DistEnv, logging.Logger]:
+    from .distributed import create_logger, init_distributed
+
+    env = init_distributed(args.device)
+    if env.distributed:
+        raise ValueError("benchmarks run in one process; launch them with python, not torchrun")
+    return env, create_logger(env)
+
+
+def run_forward_benchmark(args) -> dict:
+    """benchmarks/forward.py."""
+    env, log = _setup(args)
+    input_size = args.image_size // 8
+    models = [bench_model(spec, input_size, env.device) for spec in args.models]
+    if args.compare_diffusers:
+        models.append(_diffusers_dit(create_model("DiT-XL/2", input_size=input_size).config, env.device))
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    log.info(f"forward on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    log.info(format_table([], FORWARD_COLUMNS))
+    results = {"device": str(env.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "forward": bench_forward(models, args.batch_sizes, args.precisions, compile_modes, env.device,
+                                        args.warmup, args.repeats, log)}
+    if args.sampling_steps:
+        log.info(format_table([], SAMPLING_COLUMNS))
+        results["sampling"] = bench_sampling([m for m in models if m.arch == "DiT" and hasattr(m.model, "y_embedder")],
+                                             args.batch_sizes[0], args.sampling_steps, args.cfg_scale, args.sampler,
+                                             args.precisions[0], env.device, args.repeats, log)
+    print("\n" + format_table(results["forward"], FORWARD_COLUMNS))
+    if "sampling" in results:
+        print("\n" + format_table(results["sampling"], SAMPLING_COLUMNS))
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+def run_training_benchmark(args) -> dict:
+    """benchmarks/training.py."""
+    env, log = _setup(args)
+    bm = bench_model(args.model, args.image_size // 8, env.device)
+    log.info(f"training steps on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    log.info(format_table([], TRAINING_COLUMNS))
+    results = bench_training(bm, args.batch_size, args.precision, env, args.warmup, args.repeats, args.lora_rank, log)
+    results.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    print("\n" + format_table(results["rows"], TRAINING_COLUMNS))
+    print(f"\nLoRA rank {results['lora_rank']}: {results['lora_trainable_fraction']:.2%} of the parameters trainable")
+    if args.out:
+        write_json(args.out, results)
+    return results

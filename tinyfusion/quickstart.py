@@ -1,0 +1,469 @@
+"""The whole TinyFusion pipeline on a built-in dataset, through the real scripts (quickstart.py).
+
+A stand-in for the real job that runs on a laptop CPU: scikit-learn's 8x8 handwritten digits
+(or a user's image folder) in pixel space, a small DiT trained from scratch as the "pretrained"
+teacher, pruning to half depth by every method of the toolkit, the same recovery budget for each,
+sampling and scoring. Inception features mean nothing on 8x8 digits, so FID is computed in the
+feature space of a small digits classifier and labelled as such; the two halves of the real
+digits scored against each other give the floor.
+
+Every step runs a script of the repository as a subprocess (torchrun for the distributed ones),
+with its output in OUT/logs/STEP.log; a failing step stops the run with its command and output.
+Running again skips the steps whose output exists (the teacher above all) and redoes the rest; the
+folder records its settings, and a run with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .fileio import atomic_write, atomic_write_json
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER_MODEL = "DiT-Nano/2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much of everything a run does (the default run and --fast)."""
+
+    teacher_steps: int
+    teacher_lr: float
+    batch_size: int
+    prune_steps: int
+    recover_steps: int
+    recover_lr: float
+    num_samples: int  # per model; the same count as the real half they are scored against
+    sampling_steps: int
+    cfg_scale: float
+    classifier_epochs: int
+    ema_decay: float
+    prune_ema_decay: float  # the gates' EMA: its half-life a small part of the short pruning run
+
+
+# Measured on 2 CPU cores: DiT-Nano/2 learns clear digits in ~2500 steps at batch 128 with a cosine
+# schedule from 2e-3 (classifier-space FID ~12 at guidance 2, against ~0.5 for real vs real), and
+# DDIM needs no more than 10 steps on it (FID 12.21 at 10 steps, 12.19 at 20). The recovery budget
+# is small next to the teacher's training, so recovery cannot pass for more training of the teacher.
+DEFAULT = Budget(teacher_steps=2500, teacher_lr=2e-3, batch_size=128, prune_steps=200, recover_steps=200,
+                 recover_lr=5e-4, num_samples=898, sampling_steps=10, cfg_scale=2.0, classifier_epochs=10,
+                 ema_decay=0.995, prune_ema_decay=0.95)
+FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, recover_steps=8,
+              recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9,
+              prune_ema_decay=0.5)
+
+# The pruning methods compared, at half depth, with the same freedom where it matters: "learned
+# 1:2" chooses one block of each pair; "learned 4:8" chooses any half of the blocks, as the
+# score baselines do.
+METHODS = ("learned-1-2", "learned-4-8", "bi", "loss", "oracle", "random")
+METHOD_LABELS = {
+    "learned-1-2": "TinyFusion, 1:2 groups", "learned-4-8": "TinyFusion, one group over all blocks",
+    "bi": "ShortGPT block influence", "loss": "loss sensitivity", "oracle": "BK-SDM oracle", "random": "random",
+}
+
+
+class StepFailed(RuntimeError):
+    """A pipeline step's script exited with an error."""
+
+
+#################################################################################
+#                                       Data                                    #
+#################################################################################
+
+def write_digits(root: Path) -> int:
+    """scikit-learn's 8x8 digits as an image folder (RGB PNGs, one folder per digit); returns the count."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        path = root / str(label) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # 17 grey levels (0..16) spread over 0..255
+        Image.fromarray((image / 16.0 * 255).round().astype(np.uint8)).convert("RGB").save(path)
+    return len(digits.images)
+
+
+def real_halves(folder: Path, image_size: int, out: Path, seed: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """The real images (center-cropped) split in two random halves, as .npz files and arrays with labels."""
+    from PIL import Image
+
+    from .images import adm_center_crop, list_image_folder
+
+    listing = list_image_folder(folder)
+    images = np.stack([np.asarray(adm_center_crop(Image.open(folder / p).convert("RGB"), image_size))
+                       for p in listing.paths])
+    labels = np.asarray(listing.labels)
+    order = np.random.default_rng(seed).permutation(len(images))
+    half = (len(images) + 1) // 2
+    paths = []
+    for name, part in (("real_a", order[:half]), ("real_b", order[half:])):
+        path = out / f"{name}.npz"
+        atomic_write(path, lambda f, part=part: np.savez(f, arr_0=images[part], arr_1=labels[part]))
+        paths.append(path)
+    return paths[0], paths[1], images, labels
+
+
+#################################################################################
+#                                     Pipeline                                  #
+#################################################################################
+
+class Quickstart:
+    """Runs the pipeline into `out`.
+
+    Args:
+        out: the output folder (reused by a later run).
+        budget: DEFAULT or FAST.
+        nproc: processes for the distributed scripts (torchrun); 1 runs them with plain python.
+        data_path: an image folder of one's own instead of the digits.
+        image_size: the (square) size images are cropped to; the model works in pixel space.
+        seed: the global seed of every script.
+    """
+
+    def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int):
+        self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
+        self.data_path, self.image_size = data_path, image_size
+        # Wall time of each step, kept across runs: a rerun that reuses the teacher still reports its time.
+        self.times_file = self.out / "step_seconds.json"
+        self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        # Independent steps of a stage run side by side when the cores allow it (e.g. two one-process
+        # scripts on two cores); every process gets its share of the cores as threads.
+        cores = os.cpu_count() or 1
+        self.jobs = max(1, cores // nproc)
+        self.threads = max(1, cores // (nproc * self.jobs))
+        self._lock = threading.Lock()
+        self._bar: tqdm | None = None
+
+    # ----------------------------------------------------------------- running scripts
+
+    def script(self, name: str, args: list[str], *, distributed: bool, output: Path | None = None) -> None:
+        """Runs a repository script as a subprocess, its output in logs/NAME.log; skipped when `output`
+        exists already (a rerun), keeping the time recorded when it was made."""
+        if output is not None and output.exists():
+            self._advance()
+            return
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
+                    if distributed and self.nproc > 1 else [sys.executable])
+        cmd = launcher + args
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(self.threads)}
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix_str(name)
+        start = time.time()
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        seconds = time.time() - start
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+            raise StepFailed(f"step {name!r} failed (exit code {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}\n"
+                             f"(full output: {log})")
+        with self._lock:
+            self.times[name] = seconds
+            atomic_write_json(self.times_file, self.times)
+        self._advance()
+
+    def _advance(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(1)
+
+    def together(self, steps: list[Callable[[], Path]]) -> list[Path]:
+        """Runs independent steps, `self.jobs` at a time; their results in order. A failure is raised
+        once the steps under way have finished."""
+        if self.jobs == 1:
+            return [step() for step in steps]
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(step) for step in steps]
+            wait(futures)
+        return [f.result() for f in futures]
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    # ----------------------------------------------------------------- the steps
+
+    def settings(self) -> dict:
+        return {"budget": dataclasses.asdict(self.budget), "data_path": self.data_path, "image_size": self.image_size,
+                "seed": self.seed}
+
+    def check_folder(self) -> None:
+        """Records the run's settings in the folder, or refuses a folder made with other ones."""
+        record = self.out / "quickstart.json"
+        if record.is_file():
+            found = json.loads(record.read_text())
+            if found != self.settings():
+                raise ValueError(f"{self.out} holds a quickstart run with other settings ({found}); pass another "
+                                 "--out, or delete the folder to start over")
+        else:
+            atomic_write_json(record, self.settings())
+
+    def run(self) -> dict:
+        steps = 3 + 1 + len(METHODS) + (len(METHODS) + 2) + (2 * len(METHODS) + 3) + 2
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_folder()
+        self.started = time.time()
+        with tqdm(total=steps, desc="quickstart", unit="step") as self._bar:
+            real_a, real_b, classifier = self.prepare_data()
+            teacher = self.train_teacher()
+            pruned = dict(zip(METHODS, self.together([partial(self.prune, m, teacher) for m in METHODS])))
+            recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in METHODS}
+            recovery["learned-1-2+ft"] = partial(self.finetune, "learned-1-2", pruned["learned-1-2"])
+            recovery["teacher+train"] = partial(self.ceiling, teacher)
+            recovered = dict(zip(recovery, self.together(list(recovery.values()))))
+            models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"), **pruned, **recovered}
+            samples = dict(zip(models, self.together([partial(self.sample, n, c) for n, c in models.items()])))
+            fid = self.score(real_a, real_b, samples, classifier)
+            latency = self.measure_latency(models)
+        self._bar = None
+        return self.report(models, fid, latency)
+
+    def prepare_data(self) -> tuple[Path, Path, Path]:
+        from .evaluation import classifier_accuracy, save_feature_extractor, train_classifier
+
+        b = self.budget
+        folder = Path(self.data_path) if self.data_path else self.path("data", "digits")
+        if not self.data_path and not folder.is_dir():
+            write_digits(folder)
+        features = self.path("data", "features")
+        self.script("extract_features", ["extract_features.py", "--data-path", str(folder), "--features-path",
+                                         str(features), "--vae", "none", "--no-flip", "--image-size",
+                                         str(self.image_size), "--num-workers", "0"], distributed=True,
+                    output=features / "index.json")
+        real_a, real_b, images, labels = real_halves(folder, self.image_size, self.path("data"), self.seed)
+        self._bar.update(1)
+        classifier = self.path("classifier.pt")
+        if not classifier.is_file():
+            start = time.time()
+            order = np.random.default_rng(self.seed).permutation(len(images))
+            cut = int(0.8 * len(images))
+            model = train_classifier(images[order[:cut]], labels[order[:cut]], epochs=b.classifier_epochs,
+                                     seed=self.seed)
+            accuracy = classifier_accuracy(model, images[order[cut:]], labels[order[cut:]])
+            save_feature_extractor(classifier, model, name="digits-classifier" if not self.data_path
+                                   else "image-classifier", extra={"held_out_accuracy": accuracy})
+            self.times["classifier"] = time.time() - start
+            atomic_write_json(self.times_file, self.times)
+        self._bar.update(1)
+        return real_a, real_b, classifier
+
+    def _train_args(self, prefix: str, steps: int, lr: float, schedule: str = "cosine",
+                    ema_decay: float | None = None) -> list[str]:
+        b = self.budget
+        return ["--data-path", str(self.path("data", "features")), "--results-dir", str(self.path("runs")),
+                "--prefix", prefix, "--max-steps", str(steps), "--global-batch-size", str(b.batch_size),
+                "--lr", str(lr), "--lr-schedule", schedule, "--ema-decay", str(ema_decay or b.ema_decay),
+                "--log-every", str(max(steps // 10, 1)),
+                "--ckpt-every", str(max(steps // 2, 1)), "--num-workers", "0", "--global-seed", str(self.seed),
+                "--precision", "fp32"]
+
+    def train_teacher(self) -> Path:
+        b = self.budget
+        teacher = self.path("models", "teacher.pt")
+        self.script("teacher", ["train.py", "--model", TEACHER_MODEL, *self._train_args(
+            "teacher", b.teacher_steps, b.teacher_lr), "--warmup-steps", str(min(100, b.teacher_steps // 10)),
+                                "--save-model", str(teacher)], distributed=True, output=teacher)
+        return teacher
+
+    def prune(self, method: str, teacher: Path) -> Path:
+        b = self.budget
+        out = self.path("models", f"{method}.pt")
+        if method.startswith("learned"):
+            groups = "4x1:2" if method == "learned-1-2" else "1x4:8"
+            self.script(f"prune-{method}", ["prune_by_learning.py", "--load-weight", str(teacher), "--groups", groups,
+                                            *self._train_args(f"prune-{method}", b.prune_steps, 1e-4, "constant",
+                                                              b.prune_ema_decay),
+                                            "--delta-w", "--lora", "--save-model", str(out)], distributed=True,
+                        output=out)
+            shutil.copy(self.path("runs", f"prune-{method}", "decisions.png"), self.path(f"decisions-{method}.png"))
+        elif method == "oracle":
+            self.script("prune-oracle", ["prune_by_index.py", "--ckpt", str(teacher), "--preset", "oracle",
+                                         "--save-model", str(out)], distributed=False, output=out)
+        else:
+            extra = [] if method == "random" else ["--data-path", str(self.path("data", "features")),
+                                                   "--num-batches", "4", "--batch-size", str(b.batch_size)]
+            self.script(f"prune-{method}", ["prune_by_score.py", "--ckpt", str(teacher), "--criterion", method,
+                                            "--target-depth", "4", "--global-seed", str(self.seed), *extra,
+                                            "--save-model", str(out)], distributed=True, output=out)
+        return out
+
+    def distill(self, method: str, student: Path, teacher: Path) -> Path:
+        b = self.budget
+        out = self.path("models", f"{method}+kd.pt")
+        self.script(f"kd-{method}", ["train_masked_kd.py", "--load-weight", str(student), "--load-teacher",
+                                     str(teacher), *self._train_args(f"kd-{method}", b.recover_steps, b.recover_lr),
+                                     "--save-model", str(out)], distributed=True, output=out)
+        return out
+
+    def finetune(self, method: str, student: Path) -> Path:
+        b = self.budget
+        out = self.path("models", f"{method}+ft.pt")
+        self.script(f"ft-{method}", ["train.py", "--load-weight", str(student),
+                                     *self._train_args(f"ft-{method}", b.recover_steps, b.recover_lr),
+                                     "--save-model", str(out)], distributed=True, output=out)
+        return out
+
+    def ceiling(self, teacher: Path) -> Path:
+        """The control: the unpruned teacher given the same extra training as each pruned model."""
+        b = self.budget
+        out = self.path("models", "teacher+train.pt")
+        self.script("ceiling", ["train.py", "--load-weight", str(teacher),
+                                *self._train_args("ceiling", b.recover_steps, b.recover_lr), "--save-model", str(out)],
+                    distributed=True, output=out)
+        return out
+
+    def sample(self, name: str, ckpt: Path) -> Path:
+        b = self.budget
+        npz = self.path("samples", f"{name}.npz")
+        self.script(f"sample-{name}", ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples",
+                                       str(b.num_samples), "--per-proc-batch-size", "128", "--sampler", "ddim",
+                                       "--num-sampling-steps", str(b.sampling_steps), "--cfg-scale",
+                                       str(b.cfg_scale),
+                                       "--global-seed", str(self.seed), "--sample-dir",
+                                       str(self.path("samples", "parts")), "--npz", str(npz)], distributed=True,
+                    output=npz)
+        _grid(npz, self.path("grids", f"{name}.png"))
+        return npz
+
+    def score(self, real_a: Path, real_b: Path, samples: dict[str, Path], classifier: Path) -> dict[str, dict]:
+        out = self.path("fid.json")
+        self.script("evaluate", ["evaluator.py", str(real_a), str(real_b), *map(str, samples.values()),
+                                 "--feature-extractor", str(classifier), "--fid-method", "eigvals", "--out", str(out),
+                                 "--device", "cpu"], distributed=False)
+        results = json.loads(out.read_text())["results"]
+        return dict(zip(["real (other half)", *samples], results))
+
+    def measure_latency(self, models: dict[str, Path]) -> dict[str, dict]:
+        """Forward latency of each distinct architecture (models that differ only in which blocks
+        they kept cost the same), timed once by benchmarks/forward.py."""
+        from .checkpoint import read_checkpoint
+
+        by_architecture: dict[str, list[str]] = {}
+        for name in ("teacher", *METHODS):
+            record = read_checkpoint(models[name])
+            key = json.dumps([record["arch"], record["config"]], sort_keys=True)
+            by_architecture.setdefault(key, []).append(name)
+        representatives = [names[0] for names in by_architecture.values()]
+        out = self.path("latency.json")
+        self.script("latency", ["-m", "benchmarks.forward", "--models", *(str(models[n]) for n in representatives),
+                                "--batch-sizes", "256", "--device", "cpu", "--repeats", "10", "--out", str(out)],
+                    distributed=False)
+        rows = json.loads(out.read_text())["forward"]
+        return {name: row for names, row in zip(by_architecture.values(), rows) for name in names}
+
+    # ----------------------------------------------------------------- the report
+
+    def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict]) -> dict:
+        from .checkpoint import load_model
+
+        def fid_of(name: str) -> float:
+            return fid[name]["metrics"]["fid"]
+
+        teacher_latency = latency["teacher"]["latency_ms"] / latency["teacher"]["batch"]
+        rows = [{"model": "real digits (other half)" if not self.data_path else "real images (other half)",
+                 "method": "floor", "fid_after": fid_of("real (other half)")}]
+
+        def row(name: str, method: str, base: str, after: str | None, times: list[str]) -> dict:
+            loaded = load_model(models[after or base])
+            lat = latency[base]["latency_ms"] / latency[base]["batch"]
+            return {"model": name, "method": method, "depth": loaded.config["depth"],
+                    "params_m": sum(p.numel() for p in loaded.model.parameters()) / 1e6,
+                    "latency_ms": lat, "speedup": teacher_latency / lat,
+                    "fid_before": fid_of(base) if after else None, "fid_after": fid_of(after or base),
+                    "kept": (loaded.lineage or {}).get("kept_indices"),
+                    "seconds": sum(self.times.get(t, 0.0) for t in times)}
+
+        rows.append(row("teacher", f"{TEACHER_MODEL} from scratch, {self.budget.teacher_steps} steps", "teacher",
+                        None, ["teacher"]))
+        rows.append(row("teacher + recovery budget", "ceiling: the teacher trained as long as each recovery",
+                        "teacher", "teacher+train", ["ceiling"]))
+        for m in METHODS:
+            rows.append(row(f"{m} + masked KD", METHOD_LABELS[m], m, f"{m}+kd", [f"prune-{m}", f"kd-{m}"]))
+        rows.append(row("learned-1-2 + fine-tuning", METHOD_LABELS["learned-1-2"] + ", plain fine-tuning",
+                        "learned-1-2", "learned-1-2+ft", ["prune-learned-1-2", "ft-learned-1-2"]))
+        feature_space = next(iter(fid.values()))["feature_space"]
+        result = {"rows": rows, "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
+                  "nproc": self.nproc, "jobs": self.jobs, "step_seconds": self.times,
+                  "wall_seconds": time.time() - self.started}
+        atomic_write_json(self.path("results.json"), result)
+        atomic_write(self.path("results.md"), lambda f: f.write(format_report(result).encode()))
+        return result
+
+
+def format_report(result: dict) -> str:
+    """The results table in markdown."""
+    space = result["feature_space"]
+    lines = [f"FID in the feature space of {space} (not Inception); latency per image on CPU at batch 256.", "",
+             f"| model | method | depth | params | latency/img | speedup | FID before recovery ({space}) | "
+             f"FID after recovery ({space}) | kept blocks | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, pattern):
+        return pattern.format(value) if value is not None else ""
+
+    for r in result["rows"]:
+        lines.append(" | ".join([
+            f"| {r['model']}", r["method"], fmt(r.get("depth"), "{}"), fmt(r.get("params_m"), "{:.2f}M"),
+            fmt(r.get("latency_ms"), "{:.3f} ms"), fmt(r.get("speedup"), "{:.2f}x"), fmt(r.get("fid_before"), "{:.2f}"),
+            fmt(r.get("fid_after"), "{:.2f}"), fmt(r.get("kept"), "{}"), fmt(r.get("seconds"), "{:.0f} s")]) + " |")
+    lines += ["", "Wall time of each step (seconds): " + ", ".join(f"{k} {v:.0f}"
+                                                                 for k, v in result["step_seconds"].items()),
+              f"This run: {result['wall_seconds']:.0f} s wall-clock, {result['nproc']} process(es) per script, "
+              f"{result['jobs']} script(s) at a time (steps already done in the folder were reused)."]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(npz: Path, png: Path, per_class: int = 8, max_classes: int = 10, min_side: int = 32) -> None:
+    """A grid of a sample set, one row per class (the first `per_class` samples of each), small images
+    enlarged (nearest neighbour) so that a 8x8 digit is visible."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    with np.load(npz) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    rows = [np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)[:max_classes]]
+    picked = torch.from_numpy(np.concatenate([images[r] for r in rows if len(r) == per_class]))
+    picked = picked.permute(0, 3, 1, 2).float() / 255
+    if picked.shape[-1] < min_side:
+        picked = F.interpolate(picked, scale_factor=min_side // picked.shape[-1], mode="nearest")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_image(picked, str(png), nrow=per_class, padding=2, pad_value=0.5)
+
+
+def run_quickstart(args: argparse.Namespace) -> dict:
+    """quickstart.py."""
+    budget = FAST if args.fast else DEFAULT
+    # With --fast, launching torchrun would cost more than the tiny budgets themselves.
+    nproc = args.nproc if args.nproc is not None else (1 if args.fast else 2)
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    quickstart = Quickstart(Path(args.out), budget, nproc, args.data_path, args.image_size, args.seed)
+    start = time.time()
+    try:
+        result = quickstart.run()
+    except StepFailed as e:
+        print(f"\n{e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print("\n" + format_report(result))
+    print(f"quickstart finished in {time.time() - start:.0f} s; results in {args.out}/results.md, grids in "
+          f"{args.out}/grids, decision plots in {args.out}/decisions-*.png")
+    return result
