@@ -61,6 +61,27 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
     return times
 
 
+def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int
+                     ) -> list[tuple[list[float], dict]]:
+    """Seconds of `repeats` calls of each fn, the fns taking turns (A B C A B C ...) after `warmup`
+    untimed calls of each, so that a host whose speed drifts (shared machines, thermal limits)
+    slows every fn alike and the ratios stay fair. Also each fn's peak memory (see `peak_memory`).
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    memory: list[dict] = [{} for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            with peak_memory(device) as mem:
+                times[i] += time_call(fn, device, 0, 1)
+            if mem["peak_mib"] >= memory[i].get("peak_mib", -1.0):
+                memory[i] = mem
+    return list(zip(times, memory))
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device):
     """Yields a dict that holds, on exit, "peak_mib": CUDA's peak allocation during the block, or on
@@ -138,15 +159,15 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                   log: logging.Logger) -> list[dict]:
     """Forward latency and throughput of every (model, batch size, precision, compile) combination.
 
-    The first model is the baseline of the speedup columns (measured, and ideal from FLOPs).
+    The first model is the baseline of the speedup columns (measured, and ideal from FLOPs). The
+    models of one setting are timed in turns (`time_interleaved`), so their ratios are fair.
     """
     rows = []
     for compiled in compile_modes:
         for precision in precisions:
             for batch_size in batch_sizes:
-                baseline = None
+                calls = []
                 for bm in models:
-                    flops = forward_flops(bm.arch, bm.config, batch_size)
                     fn = torch.compile(bm.model) if compiled else bm.model
                     x, t, y = _inputs(bm.config, batch_size, device)
 
@@ -154,8 +175,11 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                         with torch.no_grad(), autocast(precision, device):
                             fn(x, t, y)
 
-                    with peak_memory(device) as memory:
-                        times = time_call(forward, device, warmup, repeats)
+                    calls.append(forward)
+                timings = time_interleaved(calls, device, warmup, repeats)
+                baseline = None
+                for bm, (times, memory) in zip(models, timings):
+                    flops = forward_flops(bm.arch, bm.config, batch_size)
                     latency = statistics.median(times)
                     row = {"model": bm.name, "depth": bm.config["depth"], "params_m": parameter_count(bm.model) / 1e6,
                            "batch": batch_size, "precision": precision, "compile": compiled,

@@ -46,8 +46,10 @@ class ImageSet:
         self.stats = stats or {}
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Yields uint8 arrays of shape (n, H, W, C), n <= batch_size, in order."""
-        raise NotImplementedError
+        """Yields uint8 arrays of shape (n, H, W, C), n <= batch_size, in order (overridden by the
+        sources that hold images; a set of statistics alone has none to give)."""
+        raise ValueError(f"{self.name} holds precomputed statistics but no images; the metrics that need "
+                         "images (precision, recall, IS of samples) need a file or folder with them")
 
     def __len__(self) -> int:
         return self.num_images
