@@ -92,3 +92,18 @@ def test_training_benchmark_smallest(tmp_path):
     assert 0 < rows["kd"]["teacher_share"] < 1
     assert rows["prune-lora"]["vs_train"] > 0 and rows["prune-full"]["vs_train"] > 0
     assert 0 < result["lora_trainable_fraction"] < 1
+
+
+def test_benchmarked_calls_take_turns():
+    """Models of one setting are timed in turns (A B A B ...), after each one's warm-up calls."""
+    import torch
+
+    from tinyfusion.benchmark import time_interleaved
+
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    results = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert [len(times) for times, _ in results] == [3, 3]
+    assert all(t >= 0 for times, _ in results for t in times)
+    assert all(memory["peak_mib"] > 0 for _, memory in results)
