@@ -11,7 +11,7 @@ diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2
 """
 
 from tinyfusion.args import Parser
-from tinyfusion.benchmark import run_forward_benchmark
+from tinyfusion.benchmark import add_benchmark_args, run_forward_benchmark
 from tinyfusion.precision import PRECISIONS
 
 
@@ -19,20 +19,16 @@ def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
                         help="registry names or checkpoint files")
-    parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--precisions", choices=PRECISIONS, nargs="+", default=["fp32"])
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sampling-steps", type=int, default=0,
                         help="also time the whole sampling loop with this many steps (0: skip)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--compare-diffusers", action="store_true",
                         help="also time diffusers' DiTTransformer2DModel with DiT-XL/2's configuration")
-    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
+    add_benchmark_args(parser)
     return parser.parse_args(argv)
 
 

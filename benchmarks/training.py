@@ -10,21 +10,17 @@ step of the same model and batch, and the trainable fraction with LoRA.
 """
 
 from tinyfusion.args import Parser
-from tinyfusion.benchmark import run_training_benchmark
+from tinyfusion.benchmark import add_benchmark_args, run_training_benchmark
 from tinyfusion.precision import PRECISIONS
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--model", default="DiT-XL/2", help="a registry name or a checkpoint file")
-    parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
+    add_benchmark_args(parser)
     return parser.parse_args(argv)
 
 

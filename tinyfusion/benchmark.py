@@ -7,6 +7,7 @@ torch's FlopCounterMode on the meta device (no weights needed).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
@@ -35,7 +36,7 @@ from .lora import add_lora, trainable_fraction
 from .precision import autocast
 from .pruning import LearnedPruningTask
 from .sampling import SamplingSpec, image_seeds, sample_latents
-from .training import DiffusionTask
+from .training import DiffusionTask, parameter_count
 
 #################################################################################
 #                                     Timing                                    #
@@ -110,10 +111,6 @@ def forward_flops(arch: str, config: dict, batch_size: int = 1) -> int:
         with FlopCounterMode(display=False) as counter:
             model(x, t, t)
     return int(counter.get_total_flops())
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 #################################################################################
@@ -337,10 +334,6 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], heade
     return "\n".join(lines)
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    atomic_write_json(path, payload)
-
-
 #################################################################################
 #                                  Entry points                                 #
 #################################################################################
@@ -364,6 +357,15 @@ def _diffusers_dit(config: dict, device: torch.device) -> BenchModel:
             return self.inner(x, timestep=t, class_labels=y).sample
 
     return BenchModel("diffusers DiT (XL/2 config)", Adapter().to(device).eval(), "DiT", config)
+
+
+def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmark scripts take: latent size, device, warm-up and timed calls, JSON output."""
+    parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
 
 
 def _setup(args) -> tuple[DistEnv, logging.Logger]:
@@ -397,7 +399,7 @@ def run_forward_benchmark(args) -> dict:
     if "sampling" in results:
         print("\n" + format_table(results["sampling"], SAMPLING_COLUMNS))
     if args.out:
-        write_json(args.out, results)
+        atomic_write_json(args.out, results)
     return results
 
 
@@ -412,5 +414,5 @@ def run_training_benchmark(args) -> dict:
     print("\n" + format_table(results["rows"], TRAINING_COLUMNS))
     print(f"\nLoRA rank {results['lora_rank']}: {results['lora_trainable_fraction']:.2%} of the parameters trainable")
     if args.out:
-        write_json(args.out, results)
+        atomic_write_json(args.out, results)
     return results

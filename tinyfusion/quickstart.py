@@ -375,6 +375,7 @@ class Quickstart:
 
     def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict]) -> dict:
         from .checkpoint import load_model
+        from .training import parameter_count
 
         def fid_of(name: str) -> float:
             return fid[name]["metrics"]["fid"]
@@ -387,7 +388,7 @@ class Quickstart:
             loaded = load_model(models[after or base])
             lat = latency[base]["latency_ms"] / latency[base]["batch"]
             return {"model": name, "method": method, "depth": loaded.config["depth"],
-                    "params_m": sum(p.numel() for p in loaded.model.parameters()) / 1e6,
+                    "params_m": parameter_count(loaded.model) / 1e6,
                     "latency_ms": lat, "speedup": teacher_latency / lat,
                     "fid_before": fid_of(base) if after else None, "fid_after": fid_of(after or base),
                     "kept": (loaded.lineage or {}).get("kept_indices"),
