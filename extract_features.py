@@ -13,12 +13,12 @@ skipping the shards already written; the result is the same for any number of pr
 
 import argparse
 
-from models import DiT_models
+from models import plain_names
 from tinyfusion.args import Parser, add_runtime_args
-from tinyfusion.distributed import cleanup, create_logger, init_distributed
 from tinyfusion.extraction import check_model_inputs, extract_features
 from tinyfusion.images import list_image_folder
-from tinyfusion.precision import enable_tf32, resolve_precision
+from tinyfusion.options import RuntimeOptions
+from tinyfusion.runtime import bootstrap
 from tinyfusion.vae import load_codec
 
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
                         help="ImageFolder: one subfolder per class (label = sorted position), images inside")
     parser.add_argument("--features-path", type=str, required=True,
                         help="output folder; an interrupted extraction there is resumed")
-    parser.add_argument("--model", choices=list(DiT_models), default=None, metavar="NAME",
+    parser.add_argument("--model", choices=plain_names(), default=None, metavar="NAME",
                         help="the model the features are for: checks that its input channels and patch size "
                              "fit the latents (no weights are loaded)")
     parser.add_argument("--vae", type=str, default="ema",
@@ -49,19 +49,15 @@ def parse_args(argv=None):
 def main(args):
     # A long timeout: ranks wait at the last barrier for the slowest, and a resumed run can leave
     # them uneven work. A rank that dies still stops the others (torchrun ends the group).
-    env = init_distributed(args.device, timeout_minutes=24 * 60)
-    logger = create_logger(env)
-    if args.tf32:
-        enable_tf32()
-    precision = resolve_precision(args.precision, env.device)
-    codec = load_codec(args.vae, env.device)
-    if args.model is not None:
-        check_model_inputs(args.model, codec, args.image_size)
-    images = list_image_folder(args.data_path)
-    extract_features(images, args.features_path, codec, env, image_size=args.image_size, flip=args.flip,
-                     shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                     global_seed=args.global_seed, precision=precision, skip_bad=args.skip_bad, logger=logger)
-    cleanup()
+    with bootstrap(RuntimeOptions(args.device, args.precision, args.tf32), timeout_minutes=24 * 60) as rt:
+        codec = load_codec(args.vae, rt.env.device)
+        if args.model is not None:
+            check_model_inputs(args.model, codec, args.image_size)
+        images = list_image_folder(args.data_path)
+        extract_features(images, args.features_path, codec, rt.env, image_size=args.image_size, flip=args.flip,
+                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                         global_seed=args.global_seed, precision=rt.precision, skip_bad=args.skip_bad,
+                         logger=rt.logger)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Usage:
 The bracketed form copied from the TinyFusion README works too: --kept-indices "[0, 2, 4]".
 """
 
-from tinyfusion.args import Parser, add_model_args, parse_index_list
+from tinyfusion.args import Parser, add_model_args, to_options
+from tinyfusion.options import IndexPruningOptions
 from tinyfusion.pruning import run_prune_by_index
 
 
@@ -16,24 +17,18 @@ def parse_args(argv=None):
     parser = Parser(__doc__)
     add_model_args(parser, ckpt_flag="--ckpt", ckpt_required=True)
     choice = parser.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--kept-indices", type=str, nargs="+", help="blocks to keep")
-    choice.add_argument("--pruned-indices", type=str, nargs="+", help="blocks to remove")
+    choice.add_argument("--kept-indices", type=str, nargs="+",
+                        help="blocks to keep: flat indices (0 2 4), or per stack (encoder=0,2 decoder=1,3)")
+    choice.add_argument("--pruned-indices", type=str, nargs="+", help="blocks to remove (same forms)")
     choice.add_argument("--preset", choices=["oracle", "first-k"],
                         help="oracle: BK-SDM's pattern at half depth; first-k: the first --target-depth blocks")
     parser.add_argument("--target-depth", type=int, default=None, help="depth kept by --preset first-k")
     parser.add_argument("--save-model", type=str, required=True)
-    args = parser.parse_args(argv)
-    try:
-        for flag in ("kept_indices", "pruned_indices"):
-            if getattr(args, flag) is not None:
-                setattr(args, flag, parse_index_list(getattr(args, flag), "--" + flag.replace("_", "-")))
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(args):
-    run_prune_by_index(args)
+    run_prune_by_index(to_options(IndexPruningOptions, args))
 
 
 if __name__ == "__main__":

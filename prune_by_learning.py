@@ -11,8 +11,9 @@ from the EMA of the gates; the weight updates are discarded and the kept blocks 
 original weights. The run folder holds decisions.jsonl, decisions.json and decisions.png.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args, to_options
 from tinyfusion.lora import DEFAULT_TARGETS
+from tinyfusion.options import LearnedPruningOptions
 from tinyfusion.pruning import run_prune_by_learning
 
 
@@ -22,8 +23,10 @@ def parse_args(argv=None):
     add_training_args(parser, global_batch_size=128, ema_decay=0.999)
     add_runtime_args(parser)
     group = parser.add_argument_group("gates")
-    group.add_argument("--groups", type=str, default=None,
-                       help="N:M groups over the blocks, e.g. '14x1:2' (overrides a gated preset's groups)")
+    group.add_argument("--groups", type=str, nargs="+", default=None,
+                       help="N:M groups over the blocks, e.g. '14x1:2' (overrides a gated preset's groups); for a "
+                            "model of several block stacks, over their concatenation or per stack "
+                            "(encoder=8x1:2 decoder=8x1:2)")
     group.add_argument("--tau-range", type=float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
                        help="Gumbel-softmax temperature, annealed linearly per step")
     group.add_argument("--scaling-range", type=float, nargs=2, default=[1e2, 1e2], metavar=("START", "END"),
@@ -43,7 +46,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_prune_by_learning(args)
+    run_prune_by_learning(to_options(LearnedPruningOptions, args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ alone is removed; random: seeded. The least important blocks are pruned; --keep-
 --keep-last protect blocks explicitly. Scores are printed as a table and saved as JSON.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, to_options
+from tinyfusion.options import ScorePruningOptions
 from tinyfusion.scores import CRITERIA, run_prune_by_score
 
 
@@ -26,8 +27,8 @@ def parse_args(argv=None):
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--n-pruned", type=int, help="number of blocks to remove")
     target.add_argument("--target-depth", type=int, help="number of blocks to keep")
-    parser.add_argument("--keep-first", type=int, default=0, help="never prune the first K blocks")
-    parser.add_argument("--keep-last", type=int, default=0, help="never prune the last K blocks")
+    parser.add_argument("--protect-first", type=int, default=0, help="never prune the first K blocks")
+    parser.add_argument("--protect-last", type=int, default=0, help="never prune the last K blocks")
     parser.add_argument("--save-model", type=str, required=True)
     parser.add_argument("--save-scores", type=str, default=None,
                         help="scores JSON (default: next to --save-model, .scores.json)")
@@ -35,7 +36,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_prune_by_score(args)
+    run_prune_by_score(to_options(ScorePruningOptions, args))
 
 
 if __name__ == "__main__":

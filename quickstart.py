@@ -16,8 +16,8 @@ scripts (torchrun for the distributed ones). Results: OUT/results.md and .json, 
 OUT/grids, TinyFusion's decision plots in OUT/decisions-*.png.
 """
 
+from pipelines.quickstart import run_quickstart
 from tinyfusion.args import Parser
-from tinyfusion.quickstart import run_quickstart
 
 
 def parse_args(argv=None):

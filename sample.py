@@ -11,14 +11,15 @@ Without --class-labels, a 1000-class (ImageNet) model draws the eight classes of
 grid, any other model its first eight classes.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, to_options
+from tinyfusion.options import SampleGridOptions
 from tinyfusion.sampling import run_sample
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
     add_model_args(parser, ckpt_required=True)
-    add_sampling_args(parser, cfg_default=4.0, steps_default=250)
+    add_sampling_args(parser, cfg_default=4.0)
     add_runtime_args(parser, seed_flag="--seed")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="classes to draw, one image each (None: see above)")
@@ -28,7 +29,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_sample(args)
+    run_sample(to_options(SampleGridOptions, args))
 
 
 if __name__ == "__main__":

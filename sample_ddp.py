@@ -12,14 +12,15 @@ labels) and NAME.json beside it, the full sampling protocol. NAME is
 <checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<N>.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, to_options
+from tinyfusion.options import SampleSetOptions
 from tinyfusion.sampling import run_sample_ddp
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
     add_model_args(parser, ckpt_required=True)
-    add_sampling_args(parser, cfg_default=1.5, steps_default=250)
+    add_sampling_args(parser, cfg_default=1.5)
     # fp32 (with TF32 on GPUs) by default, as the official DiT FID numbers were sampled.
     add_runtime_args(parser, precision_default="fp32")
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
@@ -32,7 +33,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_sample_ddp(args)
+    run_sample_ddp(to_options(SampleSetOptions, args))
 
 
 if __name__ == "__main__":

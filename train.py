@@ -8,7 +8,8 @@ Checkpoints go to RESULTS_DIR/PREFIX/checkpoints every --ckpt-every steps; runni
 again resumes from the latest one. `--model` is optional when the checkpoint describes itself.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args
+from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args, to_options
+from tinyfusion.options import TrainOptions
 from tinyfusion.training import run_train
 
 
@@ -22,7 +23,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_train(args)
+    run_train(to_options(TrainOptions, args))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ distilled from the teacher block it was pruned from (read from the student check
 --layer-map overrides it. Running the same command again resumes the run.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args
+from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args, to_options
 from tinyfusion.kd import run_masked_kd
+from tinyfusion.options import MaskedKDOptions
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    run_masked_kd(args)
+    run_masked_kd(to_options(MaskedKDOptions, args))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ baseline of the speedup columns; "ideal" is its FLOPs over the model's. With --c
 diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2's configuration.
 """
 
+from benchmarks.harness import add_benchmark_args, run_forward_benchmark
 from tinyfusion.args import Parser
-from tinyfusion.benchmark import add_benchmark_args, run_forward_benchmark
 from tinyfusion.precision import PRECISIONS
 
 

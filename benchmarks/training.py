@@ -9,8 +9,8 @@ for learned pruning (1:2 gates, LoRA or full weight updates) its cost relative t
 step of the same model and batch, and the trainable fraction with LoRA.
 """
 
+from benchmarks.harness import add_benchmark_args, run_training_benchmark
 from tinyfusion.args import Parser
-from tinyfusion.benchmark import add_benchmark_args, run_training_benchmark
 from tinyfusion.precision import PRECISIONS
 
 

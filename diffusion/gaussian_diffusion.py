@@ -260,16 +260,20 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------- ancestral sampling
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                 generator: Generators = None) -> dict:
-        """One ancestral step: x_{t-1} = mean + sigma z (no noise at t = 0)."""
+                 generator: Generators = None, temperature: float = 1.0) -> dict:
+        """One ancestral step: x_{t-1} = mean + sigma z (no noise at t = 0).
+
+        `temperature` scales the noise term, sigma z -> temperature sigma z (MAR's sampling temperature).
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = _randn_like(x, generator)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise * temperature
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                      device=None, progress=False, generator: Generators = None) -> torch.Tensor:
+                      device=None, progress=False, generator: Generators = None,
+                      temperature: float = 1.0) -> torch.Tensor:
         """Samples from the model with the ancestral sampler of DDPM (all timesteps, last to first).
 
         Args:
@@ -278,20 +282,21 @@ class GaussianDiffusion:
             noise: the starting x_T; drawn (from `generator`) when None.
             generator: one torch.Generator, or one per sample (each sample then depends on its
                 own generator alone), used for x_T and every step's noise.
+            temperature: scales every step's noise (see `p_sample`).
         """
         final = None
         for out in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, model_kwargs,
-                                                  device, progress, generator):
+                                                  device, progress, generator, temperature=temperature):
             final = out
         return final["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                   model_kwargs=None, device=None, progress=False,
-                                  generator: Generators = None) -> Iterator[dict]:
+                                  generator: Generators = None, temperature: float = 1.0) -> Iterator[dict]:
         """Yields the output of every ancestral step."""
         yield from self._loop(self.p_sample, shape, noise, device, progress, generator,
                               dict(model=model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs))
+                                   model_kwargs=model_kwargs, temperature=temperature))
 
     # ----------------------------------------------------------------- DDIM
 

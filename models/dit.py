@@ -13,6 +13,7 @@ Every model here exposes the same small protocol that the rest of the toolkit re
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -77,8 +78,8 @@ class LabelEmbedder(nn.Module):
 
     def forward(
         self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the embeddings (N, D) and the drop decisions used (None when nothing was dropped)."""
+    ) -> torch.Tensor:
+        """Returns the embeddings (N, D)."""
         if force_drop_ids is None and train and self.dropout_prob > 0:
             force_drop_ids = self.drop_ids(labels)
         if force_drop_ids is not None:
@@ -86,7 +87,7 @@ class LabelEmbedder(nn.Module):
                 raise ValueError("label dropout needs a model built with class_dropout_prob > 0 "
                                  "(it has no null-class embedding)")
             labels = torch.where(force_drop_ids == 1, torch.full_like(labels, self.num_classes), labels)
-        return self.embedding_table(labels), force_drop_ids
+        return self.embedding_table(labels)
 
 
 #################################################################################
@@ -94,22 +95,28 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's parameter layout)."""
+    """Multi-head self-attention with a fused qkv projection (timm's parameter layout).
 
-    def __init__(self, dim: int, num_heads: int):
+    The head dimension defaults to dim / num_heads (every official model); width pruning gives
+    blocks other head counts and dimensions, so both are free: qkv maps dim to 3 * H * head_dim.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+            head_dim = dim // num_heads
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=True)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D / H)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D / H)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        B, T, _ = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
 
 
 class Mlp(nn.Module):
@@ -143,12 +150,13 @@ class PatchEmbed(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, head_dim: int | None = None,
+                 mlp_hidden: int | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, head_dim)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, mlp_hidden if mlp_hidden is not None else int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -174,9 +182,19 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone, class-conditional."""
+    """Diffusion model with a Transformer backbone, class-conditional.
+
+    The official constructor, plus two keyword arguments that make a config complete:
+    `block_widths` (one {"num_heads", "head_dim", "mlp_hidden"} per block; uniform from hidden_size,
+    num_heads and mlp_ratio when None, as every official model) and `attention` (the attention kind,
+    {"kind": "global"}). `config` always records both explicitly.
+    """
 
     arch = "DiT"
+    # The prunable block stacks: name -> (attribute, config key of its depth, config key of its widths).
+    stacks = {"blocks": ("blocks", "depth", "block_widths")}
+    # Fields of the config that no state dict shows; they are recorded in our files.
+    ATTENTION_KINDS = ("global",)
 
     def __init__(
         self,
@@ -190,14 +208,25 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        *,
+        block_widths: list[dict] | None = None,
+        attention: dict | None = None,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        block_widths = uniform_block_widths(depth, hidden_size, num_heads, mlp_ratio) if block_widths is None \
+            else [dict(w) for w in block_widths]
+        if len(block_widths) != depth:
+            raise ValueError(f"block_widths lists {len(block_widths)} blocks but depth is {depth}")
+        attention = dict(attention or {"kind": "global"})
+        if attention.get("kind") not in self.ATTENTION_KINDS:
+            raise ValueError(f"attention kind {attention.get('kind')!r} is not supported by {self.arch}; "
+                             f"known: {', '.join(self.ATTENTION_KINDS)}")
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma,
+            num_classes=num_classes, learn_sigma=learn_sigma, block_widths=block_widths, attention=attention,
         )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -212,9 +241,67 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed 2D sin-cos position embedding; a persistent buffer keeps the official key `pos_embed`.
         self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, w["num_heads"], head_dim=w["head_dim"], mlp_hidden=w["mlp_hidden"])
+            for w in block_widths])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    # ------------------------------------------------------------------ the family's description
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability of replacing a training label by the null class (classifier-free guidance)."""
+        return self.config["class_dropout_prob"]
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's inputs: latents, or pixels for a pixel-space model."""
+        return (self.config["in_channels"], self.config["input_size"], self.config["input_size"])
+
+    @classmethod
+    def default_process(cls, config: dict) -> dict:
+        """The noise process a model of this family trains with, when its file records none."""
+        return {"name": "gaussian", "learn_sigma": bool(config["learn_sigma"])}
+
+    @classmethod
+    def config_from_state_dict(cls, state_dict: dict, num_heads: int | None = None) -> dict:
+        """Constructor arguments read from the tensor shapes of an official-layout state dict.
+
+        The head count leaves no trace in the shapes: it comes from `num_heads`, else from the
+        registry's widths (official: 384: 6, 768: 12, 1024 and 1152: 16; small: 64: 4, 192: 3).
+        Raises:
+            ValueError: a state dict that is not of this layout, or an unknown width and no head count.
+        """
+        required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                    "final_layer.linear.weight", "blocks.0.attn.qkv.weight"]
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(f"the weights are not a {cls.arch}'s: missing {missing}")
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C_in, p, p)
+        hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+        grid = math.isqrt(state_dict["pos_embed"].shape[1])
+        depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+        out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
+        if num_heads is None:
+            num_heads = KNOWN_NUM_HEADS.get(hidden_size)
+            if num_heads is None:
+                raise ValueError(f"a {cls.arch} of width {hidden_size} is not an official size, and the head count "
+                                 "cannot be read from the weights: pass it with --num-heads")
+        widths = []
+        for i in range(depth):
+            attn_width = state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3
+            if attn_width % num_heads:
+                raise ValueError(f"block {i} has an attention width of {attn_width}, not divisible by {num_heads} "
+                                 "heads: pass the right --num-heads")
+            widths.append({"num_heads": num_heads, "head_dim": attn_width // num_heads,
+                           "mlp_hidden": state_dict[f"blocks.{i}.mlp.fc1.weight"].shape[0]})
+        return dict(
+            input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=widths[0]["mlp_hidden"] / hidden_size,
+            class_dropout_prob=0.1, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+            learn_sigma=out_channels == 2 * in_channels, block_widths=widths, attention={"kind": "global"},
+        )
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN (adaLN-Zero)."""
@@ -261,8 +348,7 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
-        return_drop_ids: bool = False,
-    ):
+    ) -> torch.Tensor:
         """Predicts noise (and the variance interpolation with learn_sigma).
 
         Args:
@@ -271,14 +357,12 @@ class DiT(nn.Module):
             y: (N,) class labels; `num_classes` is the null class.
             force_drop_ids: (N,) 1 where the label is replaced by the null class. When None, labels
                 are dropped at random with `class_dropout_prob` in training mode only.
-            return_drop_ids: also return the drop decisions that were used, so that a second model
-                (a distillation teacher) can be given the same ones.
         Returns:
-            (N, C_out, H, W), and the (N,) drop decisions (or None) when `return_drop_ids`.
+            (N, C_out, H, W).
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t = self.t_embedder(t)  # (N, D)
-        y, drop_ids = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -286,8 +370,7 @@ class DiT(nn.Module):
             else:
                 x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
-        x = self.unpatchify(x)  # (N, C_out, H, W)
-        return (x, drop_ids) if return_drop_ids else x
+        return self.unpatchify(x)  # (N, C_out, H, W)
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_all_channels: bool = False
@@ -342,24 +425,38 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
 # have DiT-XL's width and head count with fewer blocks: the shapes TinyFusion prunes XL into.
 # Ti (DeiT-Tiny's widths) and Nano are not official: small models for small data and CPU runs.
 
-def _factory(depth: int, hidden_size: int, patch_size: int, num_heads: int):
+def uniform_block_widths(depth: int, hidden_size: int, num_heads: int, mlp_ratio: float) -> list[dict]:
+    """The per-block widths of an unpruned model: every block alike."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    width = {"num_heads": num_heads, "head_dim": hidden_size // num_heads, "mlp_hidden": int(hidden_size * mlp_ratio)}
+    return [dict(width) for _ in range(depth)]
+
+
+def size_factory(cls: type, depth: int, hidden_size: int, patch_size: int, num_heads: int):
+    """A registry factory of `cls` at one size; `fixed` is what the name determines (checked on load)."""
     fixed = dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
 
-    def make(**kwargs) -> DiT:
-        return DiT(**fixed, **kwargs)
-    make.fixed = fixed  # what the name determines; checkpoints are checked against it
+    def make(**kwargs) -> nn.Module:
+        return cls(**fixed, **kwargs)
+    make.fixed = fixed
+    make.arch = cls.arch
     return make
+
+
+def size_registry(cls: type, prefix: str) -> dict:
+    """The registry names of a DiT-shaped family: S/B/L/XL (and Nano/Ti) at patch 2/4/8, and the shallow D*."""
+    models = {f"{prefix}-{size}/{patch}": size_factory(cls, depth, width, patch, heads)
+              for size, (depth, width, heads) in _SIZES.items() for patch in (2, 4, 8)}
+    models.update({f"{prefix}-D{depth}/2": size_factory(cls, depth, 1152, 2, 16) for depth in (19, 14, 7)})
+    return models
 
 
 _SIZES = {"Nano": (8, 64, 4), "Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
           "XL": (28, 1152, 16)}
 
-DiT_models = {
-    f"DiT-{size}/{patch}": _factory(depth, width, patch, heads)
-    for size, (depth, width, heads) in _SIZES.items() for patch in (2, 4, 8)
-}
-DiT_models.update({f"DiT-D{depth}/2": _factory(depth, 1152, 2, 16) for depth in (19, 14, 7)})
-
 # Head counts of the registry's widths: a plain state dict stores no head count, so loading one
-# infers it from the width (see tinyfusion.checkpoint).
+# infers it from the width (DiT.config_from_state_dict).
 KNOWN_NUM_HEADS = {width: heads for _, width, heads in _SIZES.values()}
+
+DiT_models = size_registry(DiT, "DiT")

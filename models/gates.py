@@ -11,12 +11,13 @@ passes its input through unchanged:
 In eval mode every sample takes the argmax option, so a gated model whose decision is made
 computes exactly what the pruned model (the kept blocks alone) computes.
 
-The gates attach to any ordered list of blocks through forward hooks, so the wrapped model's
-class, forward signature and state-dict keys are untouched (DiT today, SiT and MAR tomorrow).
+The gates attach to the model's block stacks (models.stacks, concatenated) through forward hooks,
+so the wrapped model's class, forward signature and state-dict keys are untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import re
@@ -25,6 +26,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+from .stacks import flat_blocks, parse_stack_groups, stack_depths
 
 # C(28, 14) is 40 million options: enumerating a group that large is never what a user means.
 MAX_OPTIONS_PER_GROUP = 100_000
@@ -177,25 +180,50 @@ class LayerGates(nn.Module):
 
 
 class GatedModel(nn.Module):
-    """Wraps a model and puts learnable N:M gates over its `blocks`.
+    """Wraps a model and puts learnable N:M gates over its prunable blocks (every stack, concatenated).
 
     Args:
-        model: any module with an ordered `blocks` ModuleList whose blocks take the token tensor
-            as their first argument and return a tensor of the same shape.
-        groups: the N:M layout (see `parse_groups`), covering every block.
+        model: a registry model (it names its block stacks, see models.stacks); each block takes the
+            token tensor as its first argument and returns a tensor of the same shape.
+        groups: the N:M layout over the concatenated blocks (see `parse_groups`, and
+            `models.stacks.parse_stack_groups` for per-stack layouts), covering every block.
+
+    The gates act through forward hooks on the blocks; `release()` removes them and returns the
+    wrapped model as it was.
     """
 
     def __init__(self, model: nn.Module, groups: str | Sequence[Sequence[int]]):
         super().__init__()
         self.model = model
-        self.gates = LayerGates(parse_groups(groups, depth=len(model.blocks)))
+        blocks = flat_blocks(model)
+        self.gates = LayerGates(parse_stack_groups(groups, stack_depths(model)) if isinstance(groups, str)
+                                else parse_groups(groups, depth=len(blocks)))
         self._mask: torch.Tensor | None = None  # (B, depth) during a gated call, else None
-        for index, block in enumerate(model.blocks):
-            block.register_forward_hook(_GateHook(self, index))
+        self._handles = self._attach()
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.blocks
+    def _attach(self) -> list:
+        return [block.register_forward_hook(_GateHook(self, index)) for index, block in enumerate(flat_blocks(self))]
+
+    def __deepcopy__(self, memo):
+        # The copy's hooks must gate the copy's blocks with the copy's gates: copy the bare model, then gate it.
+        for handle in self._handles:
+            handle.remove()
+        try:
+            model = copy.deepcopy(self.model, memo)
+        finally:
+            self._handles = self._attach()
+        copied = GatedModel(model, self.gates.groups)
+        copied.gates = copy.deepcopy(self.gates, memo)
+        copied.train(self.training)
+        memo[id(self)] = copied
+        return copied
+
+    def release(self) -> nn.Module:
+        """Removes the gate hooks from the wrapped model and returns it; this wrapper is unusable after."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model
 
     @property
     def config(self) -> dict:
@@ -208,6 +236,8 @@ class GatedModel(nn.Module):
     @contextmanager
     def gating(self, batch_size: int, uniform: torch.Tensor | None = None):
         """Within this context, every call of the wrapped model's blocks is gated."""
+        if not self._handles:
+            raise RuntimeError("the gates were released from this model")
         if getattr(self.model, "gradient_checkpointing", False) and self.training:
             # Recomputation in the backward pass runs outside this context and would not be gated.
             raise ValueError("layer gates cannot be trained with gradient checkpointing; turn it off")
@@ -235,14 +265,13 @@ class GatedModel(nn.Module):
 
 
 class _GateHook:
-    """The forward hook of block `index`: h_out = m * block(h_in) + (1 - m) * h_in.
-
-    An object rather than a closure so that deep copies of a GatedModel (EMA, pruning) gate
-    their own blocks with their own gates.
-    """
+    """The forward hook of block `index`: h_out = m * block(h_in) + (1 - m) * h_in."""
 
     def __init__(self, owner: GatedModel, index: int):
         self.owner, self.index = owner, index
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("a gated block cannot be deep-copied alone: copy the GatedModel, or release() its gates")
 
     def __call__(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         mask = self.owner._mask

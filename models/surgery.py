@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch.nn as nn
 
+from .stacks import block_stacks, split_indices
+
 
 def validate_kept_indices(kept_indices: Iterable[int], depth: int) -> list[int]:
     """Checks that block indices are integers in [0, depth), unique and non-empty; returns them sorted.
@@ -28,19 +30,33 @@ def validate_kept_indices(kept_indices: Iterable[int], depth: int) -> list[int]:
 
 
 def prune_depth(model: nn.Module, kept_indices: Sequence[int]) -> nn.Module:
-    """A copy of `model` holding only the kept blocks, in their original order, renumbered 0..K-1.
+    """A copy of `model` holding only the kept blocks of each stack, in their original order, renumbered.
 
-    Everything outside the blocks (embedders, final layer) is copied unchanged, so block i of the
-    result is bit-identical to block kept_indices[i] of the input.
+    `kept_indices` are flat indices over the concatenated stacks (models.stacks). Everything outside
+    the blocks (embedders, norms, final layer) is copied unchanged, so flat block i of the result is
+    bit-identical to flat block kept_indices[i] of the input. The config's depth and per-block widths
+    of every stack follow. A gated model must be released first (`GatedModel.release`).
     """
-    kept = validate_kept_indices(kept_indices, len(model.blocks))
-    blocks, model.blocks = model.blocks, nn.ModuleList()  # do not deep-copy the dropped blocks
+    if hasattr(model, "gates"):
+        raise ValueError("prune the model inside the gates: call GatedModel.release() first")
+    stacks = block_stacks(model)
+    kept = validate_kept_indices(kept_indices, sum(len(b) for b in stacks.values()))
+    per_stack = split_indices(kept, {name: len(b) for name, b in stacks.items()})
+    attrs = type(model).stacks
+    for name in stacks:  # do not deep-copy the dropped blocks
+        setattr(model, attrs[name][0], nn.ModuleList())
     try:
         pruned = copy.deepcopy(model)
     finally:
-        model.blocks = blocks
-    pruned.blocks = nn.ModuleList(copy.deepcopy(blocks[i]) for i in kept)
-    pruned.config = dict(model.config, depth=len(kept))
+        for name, blocks in stacks.items():
+            setattr(model, attrs[name][0], blocks)
+    config = dict(model.config)
+    for name, (attr, depth_key, widths_key) in attrs.items():
+        setattr(pruned, attr, nn.ModuleList(copy.deepcopy(stacks[name][i]) for i in per_stack[name]))
+        config[depth_key] = len(per_stack[name])
+        if widths_key and config.get(widths_key) is not None:
+            config[widths_key] = [dict(config[widths_key][i]) for i in per_stack[name]]
+    pruned.config = config
     return pruned
 
 
@@ -56,5 +72,5 @@ def compose_kept_indices(source_kept: Sequence[int] | None, kept: Sequence[int])
 
 
 def layer_map(kept_indices: Sequence[int]) -> dict[int, int]:
-    """Student block i -> the teacher block it was copied from (the default distillation map)."""
+    """Student block i -> the teacher block it was copied from (the default distillation map; flat indices)."""
     return {i: int(k) for i, k in enumerate(kept_indices)}

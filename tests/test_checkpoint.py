@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_dit
+from helpers import tiny_dit
 from safetensors.torch import save_file
 
-from models import DiT_models, GatedModel, prune_depth
-from tinyfusion.checkpoint import atomic_save, infer_dit_config, load_model, pruned_lineage, read_checkpoint, save_model
+from models import DiT, DiT_models, GatedModel, prune_depth
+from tinyfusion.checkpoint import atomic_save, load_model, pruned_lineage, read_checkpoint, save_model
 
 
 def _same_weights(a, b):
@@ -68,7 +68,7 @@ def test_self_describing_round_trip_with_lineage(tmp_path, suffix):
     lineage = pruned_lineage(src, [1, 3], method="index")
     save_model(tmp_path / f"pruned{suffix}", pruned, lineage=lineage, extra={"note": "x"})
     loaded = load_model(tmp_path / f"pruned{suffix}")  # no --model, no --num-heads
-    assert loaded.config == dict(source.config, depth=2)
+    assert loaded.config == dict(source.config, depth=2, block_widths=source.config["block_widths"][:2])
     assert loaded.lineage["kept_indices"] == [1, 3] and loaded.lineage["source_depth"] == 4
     assert len(loaded.lineage["source"]["sha256"]) == 64
     assert loaded.extra["note"] == "x"
@@ -117,7 +117,7 @@ def test_official_widths_infer_their_head_count():
     for name in ("DiT-XL/2", "DiT-L/4", "DiT-B/8", "DiT-S/2", "DiT-D14/2"):
         with torch.device("meta"):
             model = DiT_models[name](input_size=32)
-        assert infer_dit_config(model.state_dict()) == model.config
+        assert DiT.config_from_state_dict(model.state_dict()) == model.config
 
 
 def test_unknown_width_needs_the_head_count(tmp_path):

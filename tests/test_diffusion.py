@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dit
+from helpers import tiny_dit
 
 from diffusion import create_diffusion, space_timesteps
 from diffusion.gaussian_diffusion import get_named_beta_schedule

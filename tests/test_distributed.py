@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_torchrun_two_processes_all_reduce(tmp_path):

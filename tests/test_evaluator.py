@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from helpers.eval_inception import random_inception_state_dict
 from PIL import Image
 from sklearn.datasets import load_digits

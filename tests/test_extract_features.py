@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from PIL import Image
 
 import extract_features

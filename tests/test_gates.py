@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_dit
+from helpers import tiny_dit
 
 from models import DiT_models, GatedModel, LayerGates, format_groups, kept_depth, parse_groups, prune_depth
 
@@ -79,7 +79,7 @@ def test_one_hot_decision_equals_the_pruned_model():
     gated.eval()
     assert gated.decisions()["kept_indices"] == [1, 2]
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 9])
-    pruned = prune_depth(base, [1, 2]).eval()
+    pruned = prune_depth(tiny_dit(depth=4), [1, 2]).eval()  # the same weights, never gated
     with torch.no_grad():
         torch.testing.assert_close(gated(x, t, y), pruned(x, t, y), atol=0, rtol=0)
         x2, t2, y2 = torch.cat([x[:2], x[:2]]), torch.tensor([5, 700, 5, 700]), torch.tensor([0, 3, 10, 10])
@@ -126,6 +126,7 @@ def test_gates_wrap_any_block_list():
     """A model that is not a DiT: blocks with a different signature are gated the same way."""
     class Tower(torch.nn.Module):
         arch, config = "Tower", {}
+        stacks = {"blocks": ("blocks", "depth", None)}
 
         def __init__(self):
             super().__init__()
@@ -157,8 +158,22 @@ def test_deep_copies_gate_with_their_own_gates():
             logit.copy_(torch.tensor(value))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 30]), torch.tensor([1, 2])
     with torch.no_grad():
-        torch.testing.assert_close(twin(x, t, y), prune_depth(base, [1, 3]).eval()(x, t, y), atol=0, rtol=0)
-        torch.testing.assert_close(gated(x, t, y), prune_depth(base, [0, 2]).eval()(x, t, y), atol=0, rtol=0)
+        fresh = tiny_dit(depth=4)  # the same weights, never gated
+        torch.testing.assert_close(twin(x, t, y), prune_depth(fresh, [1, 3]).eval()(x, t, y), atol=0, rtol=0)
+        torch.testing.assert_close(gated(x, t, y), prune_depth(fresh, [0, 2]).eval()(x, t, y), atol=0, rtol=0)
+
+
+def test_released_gates_leave_no_hooks_and_pruning_a_gated_model_is_refused():
+    base = tiny_dit(depth=4)
+    gated = GatedModel(base, "2x1:2")
+    assert all(len(b._forward_hooks) == 1 for b in base.blocks)
+    with pytest.raises(ValueError, match="release"):
+        prune_depth(gated, [0, 2])
+    assert gated.release() is base
+    assert all(len(b._forward_hooks) == 0 for b in base.blocks)
+    pruned = prune_depth(base, [0, 2])
+    assert all(len(b._forward_hooks) == 0 for b in pruned.blocks)
+    assert not any(isinstance(m, GatedModel) for m in pruned.modules())
 
 
 def test_gradient_checkpointing_is_refused_while_gating():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_with_sigterm, run_cli, tiny_dit
+from helpers import interrupt_with_sigterm, run_cli, tiny_dit
 
 from models import DiT, prune_depth
 from tinyfusion.checkpoint import load_model, read_checkpoint, save_model
@@ -127,17 +127,17 @@ def test_random_criterion_is_seeded_and_protection_is_explicit(planted, tmp_path
     for seed in (1, 1, 2):
         out = tmp_path / f"r{len(runs)}.pt"
         run_cli(["prune_by_score.py", "--ckpt", str(planted["ckpt"]), "--criterion", "random", "--n-pruned", "2",
-                 "--global-seed", str(seed), "--keep-first", "1", "--save-model", str(out)])
+                 "--global-seed", str(seed), "--protect-first", "1", "--save-model", str(out)])
         runs.append(json.loads(out.with_suffix(".scores.json").read_text())["kept_indices"])
     assert runs[0] == runs[1] and all(0 in r for r in runs)
     proc = run_cli(["prune_by_score.py", "--ckpt", str(planted["ckpt"]), "--criterion", "random", "--n-pruned", "5",
-                    "--keep-first", "1", "--keep-last", "1", "--save-model", str(tmp_path / "x.pt")], check=False)
+                    "--protect-first", "1", "--protect-last", "1", "--save-model", str(tmp_path / "x.pt")], check=False)
     assert proc.returncode != 0 and "cannot prune 5 of 6 blocks" in proc.stderr
 
 
 def test_select_kept():
     assert select_kept([0.5, 0.1, 0.3, 0.2], 2) == [0, 2]
-    assert select_kept([0.5, 0.1, 0.3, 0.2], 2, keep_first=0, keep_last=1) == [0, 3]
+    assert select_kept([0.5, 0.1, 0.3, 0.2], 2, protect_first=0, protect_last=1) == [0, 3]
     with pytest.raises(ValueError, match="cannot prune"):
         select_kept([1, 2, 3], 3)
 

@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-from conftest import run_cli, tiny_dit
+from helpers import run_cli, tiny_dit
 
+from pipelines.quickstart import FAST, METHODS, Quickstart, StepFailed
 from tinyfusion.checkpoint import save_model
-from tinyfusion.quickstart import FAST, METHODS, Quickstart, StepFailed
 
 
 def test_quickstart_fast_runs_every_stage(tmp_path):
@@ -98,7 +98,7 @@ def test_benchmarked_calls_take_turns():
     """Models of one setting are timed in turns (A B A B ...), after each one's warm-up calls."""
     import torch
 
-    from tinyfusion.benchmark import time_interleaved
+    from benchmarks.harness import time_interleaved
 
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]

@@ -17,7 +17,11 @@ def _model(reference):
 def test_loader_infers_reference_architecture(reference):
     loaded = load_model(reference["ckpt"], num_heads=4)
     assert loaded.weights == "plain"
-    assert loaded.config == reference["config"]["model_config"] | {"mlp_ratio": 4.0}
+    config = reference["config"]["model_config"]
+    widths = [{"num_heads": config["num_heads"], "head_dim": config["hidden_size"] // config["num_heads"],
+               "mlp_hidden": 4 * config["hidden_size"]}] * config["depth"]
+    assert loaded.config == config | {"mlp_ratio": 4.0, "block_widths": widths, "attention": {"kind": "global"}}
+    assert loaded.process["name"] == "gaussian" and loaded.codec is None
     assert not loaded.model.training
 
 

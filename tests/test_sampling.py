@@ -3,15 +3,17 @@ under real torchrun (world-size and batch-size invariance, resume, protocol)."""
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run_cli, tiny_dit
+from helpers import ROOT, run_cli, tiny_dit
 from PIL import Image
 
 from diffusion import create_diffusion, gd
+from processes import GaussianProcess
 from tinyfusion.checkpoint import save_model
 from tinyfusion.sampling import (
     SHOWCASE_CLASSES,
@@ -37,6 +39,8 @@ def _noise(seeds, shape):
 #################################################################################
 #                                  Samplers                                     #
 #################################################################################
+PROCESS = GaussianProcess()
+
 
 class GaussianOracle(nn.Module):
     """The exact noise prediction for data ~ N(0, std^2 I) under DiT's linear schedule.
@@ -49,6 +53,7 @@ class GaussianOracle(nn.Module):
         super().__init__()
         self.std, self.num_classes = std, 10
         self.config = dict(in_channels=3, input_size=16, learn_sigma=False)
+        self.data_shape, self.label_dropout = (3, 16, 16), 0.0
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the sampler a device to read
         abar = np.cumprod(1 - gd.get_named_beta_schedule("linear", 1000))
         self.register_buffer("abar", torch.tensor(abar, dtype=torch.float32))
@@ -66,7 +71,8 @@ def test_samplers_reach_the_exact_answer_on_gaussian_data():
     exact = std * x_T / (abar_T * std ** 2 + 1 - abar_T).sqrt()
 
     def error(sampler, steps):
-        out = sample_latents(oracle, labels, seeds, SamplingSpec(sampler, steps, cfg_scale=1.0))
+        out = sample_latents(oracle, GaussianProcess(learn_sigma=False), labels, seeds,
+                             SamplingSpec(sampler, steps, cfg_scale=1.0))
         return (out - exact).abs().max().item(), out
 
     # DPM-Solver++ 2M is second order: nearly exact at 50 steps (8e-4 measured).
@@ -90,9 +96,9 @@ def test_guidance_is_the_official_doubled_batch_recipe():
             model.forward_with_cfg, (2 * n, 3, 8, 8), noise=torch.cat([z, z]), clip_denoised=False,
             model_kwargs=dict(y=torch.cat([y, torch.full_like(y, model.num_classes)]), cfg_scale=4.0),
             device=torch.device("cpu"), generator=generators + twins)[:n]
-    ours = sample_latents(model, y, seeds, SamplingSpec("ddpm", 5, cfg_scale=4.0))
+    ours = sample_latents(model, PROCESS, y, seeds, SamplingSpec("ddpm", 5, cfg_scale=4.0))
     torch.testing.assert_close(ours, official)
-    unguided = sample_latents(model, y, seeds, SamplingSpec("ddpm", 5, cfg_scale=1.0))
+    unguided = sample_latents(model, PROCESS, y, seeds, SamplingSpec("ddpm", 5, cfg_scale=1.0))
     assert (unguided - ours).abs().max() > 1e-2
 
 
@@ -101,8 +107,8 @@ def test_an_image_depends_on_its_own_seed_only(sampler):
     model = tiny_dit(**PIXEL).eval()
     labels, seeds = torch.tensor([2, 3, 8]), image_seeds(7, range(3))
     spec = SamplingSpec(sampler, 5, cfg_scale=4.0)
-    batch = sample_latents(model, labels, seeds, spec)
-    alone = sample_latents(model, labels[1:2], seeds[1:2], spec)
+    batch = sample_latents(model, PROCESS, labels, seeds, spec)
+    alone = sample_latents(model, PROCESS, labels[1:2], seeds[1:2], spec)
     assert torch.isfinite(batch).all()
     torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=1e-5)
     assert (batch[0] - batch[1]).abs().max() > 1e-2
@@ -111,12 +117,18 @@ def test_an_image_depends_on_its_own_seed_only(sampler):
 def test_guidance_needs_a_null_class():
     model = tiny_dit(**PIXEL, class_dropout_prob=0.0).eval()
     with pytest.raises(ValueError, match="--cfg-scale 1"):
-        sample_latents(model, torch.tensor([0]), [0], SamplingSpec("ddim", 2, cfg_scale=4.0))
+        sample_latents(model, PROCESS, torch.tensor([0]), [0], SamplingSpec("ddim", 2, cfg_scale=4.0))
 
 
 def test_spec_and_labels_are_checked():
     with pytest.raises(ValueError, match="--num-sampling-steps"):
-        SamplingSpec("ddpm", 0)
+        SamplingSpec.for_process(PROCESS, sampler="ddpm", num_steps=0)
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        SamplingSpec.for_process(PROCESS, sampler="ddpm", num_steps=1001)
+    with pytest.raises(ValueError, match="not a sampler of the gaussian process"):
+        SamplingSpec.for_process(PROCESS, sampler="ode", num_steps=5)
+    assert SamplingSpec.for_process(PROCESS, sampler=None, num_steps=None) == SamplingSpec("ddpm", 250)
+    assert SamplingSpec.for_process(PROCESS, sampler="dpm++", num_steps=None).num_steps == 20
     assert resolve_class_labels(None, 1000) == list(SHOWCASE_CLASSES)
     assert resolve_class_labels(None, 10) == list(range(8))
     assert resolve_class_labels(None, 3) == [0, 1, 2]
@@ -240,5 +252,29 @@ def test_sample_ddp_resumes_only_missing_parts(ddp_runs):
 def test_sample_ddp_refuses_a_folder_of_another_protocol(ddp_runs):
     proc = _sample_ddp(ddp_runs / "tiny.pt", ddp_runs / "one", 5, check=False)
     assert proc.returncode != 0
-    assert "holds samples of another protocol" in proc.stderr and "per_process_batch_size: recorded 4, now 5" in \
+    assert "holds samples of another protocol" in proc.stderr and "per_process_batch_size: 4 recorded, 5 now" in \
         proc.stderr
+
+
+def test_a_pixel_checkpoint_samples_from_the_file_alone_without_network(tmp_path):
+    """The codec comes from the checkpoint: no --vae, no --model, and no connection is ever opened."""
+    from tinyfusion.vae import codec_record
+
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _refuse(*args, **kwargs):\n"
+        "    raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.create_connection = _refuse\n")
+    model = tiny_dit(**PIXEL)
+    save_model(tmp_path / "pixels.pt", model, codec=codec_record("none", 1.0))
+    torch.save(model.state_dict(), tmp_path / "legacy.pt")  # records nothing: 3 channels read as pixels
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{guard}"}
+    for ckpt, extra in (("pixels.pt", []), ("legacy.pt", ["--num-heads", "2"])):
+        out = tmp_path / f"{ckpt}.png"
+        proc = run_cli(["sample.py", "--ckpt", str(tmp_path / ckpt), *extra, "--num-sampling-steps", "2",
+                        "--device", "cpu", "--class-labels", "1", "2", "--out", str(out)], env=env)
+        assert "codec: none" in proc.stdout
+        assert Image.open(out).size == (2 * 8 + 3 * 2, 8 + 2 * 2)  # two 8x8 images in one row, 2 px padding

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt_with_sigterm, run_cli, tiny_dit, write_features
+from helpers import interrupt_with_sigterm, run_cli, tiny_dit, write_features
 
-from diffusion import create_diffusion
 from models import prune_depth
+from processes import GaussianProcess, Prediction
 from tinyfusion.checkpoint import load_model, pruned_lineage, read_checkpoint, save_model
 from tinyfusion.engine import Batch
-from tinyfusion.kd import MaskedKDTask, default_layer_map, masked_feature_loss, output_kd_loss, parse_layer_map
+from tinyfusion.kd import MaskedKDTask, default_layer_map, masked_feature_loss, parse_layer_map
 
 #################################################################################
 #                                 The KD loss                                   #
@@ -21,12 +21,11 @@ from tinyfusion.kd import MaskedKDTask, default_layer_map, masked_feature_loss, 
 def test_masked_kd_loss_is_zero_for_a_copy_of_the_teacher():
     teacher = tiny_dit(depth=4).eval()
     student = prune_depth(teacher, [0, 1, 2, 3]).eval()
-    diffusion = create_diffusion("")
-    task = MaskedKDTask(diffusion, teacher, student.blocks, {i: i for i in range(4)}, alpha_kd=0.9,
+    task = MaskedKDTask(GaussianProcess(), teacher, student, {i: i for i in range(4)}, alpha_kd=0.9,
                         beta_feat=0.5, mask_k=2.0)
     g = torch.Generator().manual_seed(0)
     batch = Batch(x=torch.randn(4, 4, 8, 8, generator=g), y=torch.tensor([1, 2, 3, 4]),
-                  t=torch.tensor([0, 10, 500, 999]), noise=torch.randn(4, 4, 8, 8, generator=g),
+                  draws={"t": torch.tensor([0, 10, 500, 999]), "noise": torch.randn(4, 4, 8, 8, generator=g)},
                   drop_ids=torch.tensor([0, 1, 0, 0]), gate_uniform=None, step=0)
     out = task.loss(student, batch, total_steps=10)
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-7) and out["feat"].item() == 0.0
@@ -53,19 +52,22 @@ def test_planted_outliers_change_the_unmasked_loss_but_not_the_masked_one():
 
 
 def test_output_kd_is_zero_for_equal_outputs_and_positive_otherwise():
-    diffusion = create_diffusion("")
+    process = GaussianProcess()
     x_t, t = torch.randn(3, 4, 8, 8), torch.tensor([0, 300, 999])
     out = torch.randn(3, 8, 8, 8)
-    torch.testing.assert_close(output_kd_loss(diffusion, out, out, x_t, t), torch.zeros(3), atol=1e-6, rtol=0)
+    same = process.distillation_loss(Prediction(out, x_t, t), Prediction(out, x_t, t))
+    torch.testing.assert_close(same, torch.zeros(3), atol=1e-6, rtol=0)
     other = out.clone()
     other[:, 4:] += 0.3  # the variance alone differs: the KL term sees it
-    assert (output_kd_loss(diffusion, other, out, x_t, t) > 0).all()
+    assert (process.distillation_loss(Prediction(other, x_t, t), Prediction(out, x_t, t)) > 0).all()
 
 
 def test_teacher_sees_the_students_inputs_and_dropped_labels():
     seen = {}
 
     class Spy(torch.nn.Module):
+        stacks = {"blocks": ("blocks", "depth", None)}
+
         def __init__(self, model, name):
             super().__init__()
             self.model, self.name = model, name
@@ -76,9 +78,10 @@ def test_teacher_sees_the_students_inputs_and_dropped_labels():
             return self.model(x, t, **kwargs)
 
     teacher, student = Spy(tiny_dit(depth=4), "teacher"), Spy(tiny_dit(depth=2), "student")
-    task = MaskedKDTask(create_diffusion(""), teacher, student.blocks, {0: 0, 1: 3}, 0.9, 0.01, 2.0)
-    batch = Batch(x=torch.randn(3, 4, 8, 8), y=torch.tensor([1, 2, 3]), t=torch.tensor([5, 50, 500]),
-                  noise=torch.randn(3, 4, 8, 8), drop_ids=torch.tensor([1, 0, 1]), gate_uniform=None, step=0)
+    task = MaskedKDTask(GaussianProcess(), teacher, student, {0: 0, 1: 3}, 0.9, 0.01, 2.0)
+    batch = Batch(x=torch.randn(3, 4, 8, 8), y=torch.tensor([1, 2, 3]),
+                  draws={"t": torch.tensor([5, 50, 500]), "noise": torch.randn(3, 4, 8, 8)},
+                  drop_ids=torch.tensor([1, 0, 1]), gate_uniform=None, step=0)
     task.loss(student, batch, 5)
     for a, b in zip(seen["student"], seen["teacher"]):
         assert torch.equal(a, b)
@@ -207,4 +210,4 @@ def test_a_non_finite_batch_is_skipped_and_counted_and_a_run_of_them_stops(tmp_p
 def test_resuming_with_other_settings_is_refused(planted, tmp_path):
     _train(planted, tmp_path, "--max-steps", "2", "--ckpt-every", "1")
     proc = _train(planted, tmp_path, "--max-steps", "2", "--lr", "5e-4", check=False)
-    assert proc.returncode != 0 and "lr: the run has 0.0001, this command has 0.0005" in proc.stderr
+    assert proc.returncode != 0 and "lr: 0.0001 recorded, 0.0005 now" in proc.stderr

@@ -1,14 +1,21 @@
-"""Command-line argument groups shared by the scripts, so a flag means one thing everywhere."""
+"""Command-line argument groups shared by the scripts, so a flag means one thing everywhere.
+
+The one library module that knows argparse: scripts build their parser from these groups and hand
+the library a typed options dataclass (`to_options`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import re
-from typing import Sequence
+import dataclasses
+from typing import TypeVar
 
-from models import DiT_models
+from models import MODELS, plain_names
+from processes import all_samplers
 
 from .precision import PRECISIONS
+
+T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,20 +29,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def parse_index_list(tokens: Sequence[str] | str, name: str = "--kept-indices") -> list[int]:
-    """Integers from `0 2 4`, `0,2,4` or the bracketed form users copy, `"[0, 2, 4]"`.
+def to_options(cls: type[T], args: argparse.Namespace) -> T:
+    """The options dataclass `cls` filled from parsed arguments (field name = flag name).
 
     Raises:
-        ValueError: naming the flag and the token that is not an integer.
+        TypeError: a parsed argument that `cls` has no field for (a script and its options disagree).
     """
-    text = " ".join(tokens) if not isinstance(tokens, str) else tokens
-    parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        bad = next(p for p in parts if not re.fullmatch(r"-?\d+", p))
-        raise ValueError(f"{name}: {bad!r} is not a block index; write integers such as 0 2 4 or \"[0, 2, 4]\"") \
-            from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(vars(args)) - names)
+    if extra:
+        raise TypeError(f"{cls.__name__} has no field for the arguments {extra}")
+    return cls(**vars(args))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto",
@@ -54,7 +58,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str 
 def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt", ckpt_required: bool = False,
                    allow_gated: bool = False) -> None:
     """--model (a registry name), the checkpoint flag, --weights and --num-heads."""
-    choices = list(DiT_models) if allow_gated else [n for n in DiT_models if "/" in n]
+    choices = list(MODELS) if allow_gated else plain_names()
     group = parser.add_argument_group("model")
     group.add_argument("--model", choices=choices, default=None, metavar="NAME",
                        help="registry model; optional when the checkpoint describes itself. "
@@ -68,17 +72,21 @@ def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt"
                        help="head count, for plain state dicts of non-official widths")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4.0, steps_default: int = 250) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4.0) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--cfg-scale", type=float, default=cfg_default,
                        help="classifier-free guidance scale; 1.0 disables guidance")
     group.add_argument("--guide-all-channels", action="store_true",
                        help="guide every noise channel (the official code guides the first 3 only)")
-    group.add_argument("--num-sampling-steps", type=int, default=steps_default)
-    group.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
-                       help="ancestral DDPM, DDIM (eta 0), or diffusers' DPM-Solver++ 2M")
-    group.add_argument("--vae", type=str, default="ema",
-                       help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixels)")
+    group.add_argument("--num-sampling-steps", type=int, default=None,
+                       help="steps of the sampler; None: the sampler's default (Gaussian: ddpm and ddim 250, dpm++ 20)")
+    group.add_argument("--sampler", choices=all_samplers(), default=None,
+                       help="a sampler of the model's noise process; None: its first. Gaussian (DiT): ddpm "
+                            "(ancestral), ddim (eta 0), dpm++ (diffusers' DPM-Solver++ 2M)")
+    group.add_argument("--vae", type=str, default="auto",
+                       help="auto (the codec the checkpoint records; for files that record none, SD-VAE ema for "
+                            "4 channels and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local diffusers "
+                            "folder, or none (pixels)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int, ema_decay: float,

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pickle
 import re
@@ -31,12 +30,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from models import GATED_PRESETS, KNOWN_NUM_HEADS, DiT_models, GatedModel, build_architecture, compose_kept_indices
+from models import (
+    ARCHITECTURES,
+    GatedModel,
+    build_architecture,
+    compose_kept_indices,
+    registry_spec,
+    total_depth,
+    unwrap,
+)
+from processes import create_process
 
 from .fileio import atomic_write
 
 FORMAT = "tinyfusion-toolkit"
-FORMAT_VERSION = 1
+# 2: the record holds "process" and "codec" and a complete config (per-block widths, attention kind);
+# files of version 1 still load (their process is the family's default and their codec unrecorded).
+FORMAT_VERSION = 2
 SAFETENSORS_METADATA_KEY = "tinyfusion"
 
 # Prefixes that wrappers add to parameter names: DDP, torch.compile.
@@ -51,8 +61,11 @@ class LoadedModel:
 
     Attributes:
         model: the model, on CPU, in eval mode, weights loaded.
-        arch: architecture name (a key of models.ARCHITECTURES).
+        arch: architecture name, the model's family (a key of models.ARCHITECTURES).
         config: the constructor's keyword arguments.
+        process: the noise process's record (processes.create_process rebuilds it).
+        codec: the codec's record ({"vae": spec, "scaling_factor": s}, "vae" "none" for pixels), or None
+            when the file does not say (official weights, older files).
         lineage: for pruned models, {"kept_indices": original block of each block, "source_depth",
             "source": {"path", "sha256"}, "method"}; None for unpruned models.
         weights: which weights were read: "ema", "model" or "plain".
@@ -63,6 +76,8 @@ class LoadedModel:
     model: nn.Module
     arch: str
     config: dict
+    process: dict
+    codec: dict | None
     lineage: dict | None
     weights: str
     path: str
@@ -172,47 +187,27 @@ def strip_prefixes(state_dict: dict) -> dict:
 #                            Architecture of a state dict                       #
 #################################################################################
 
-def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
-    """DiT constructor arguments read from the tensor shapes of an official-layout state dict.
+def family_config(state_dict: dict, arch: str | None, num_heads: int | None = None, path: str = "the file"
+                  ) -> tuple[str, dict]:
+    """(family, constructor arguments) of a bare state dict in an official layout.
 
-    The head count leaves no trace in the shapes: it comes from `num_heads`, else from the
-    registry's widths (official: 384: 6, 768: 12, 1024 and 1152: 16; small: 96: 4, 192: 3).
-    Raises:
-        ValueError: a state dict that is not a DiT's, or an unknown width and no head count.
+    The family comes from `arch` (from --model); without it, from the one registered family whose
+    layout the weights fit. When several fit (SiT's layout is DiT's), the family is never guessed.
     """
-    required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
-                "final_layer.linear.weight"]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise ValueError(f"the weights are not a DiT's: missing {missing}")
-    proj = state_dict["x_embedder.proj.weight"]  # (D, C_in, p, p)
-    hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
-    num_patches = state_dict["pos_embed"].shape[1]
-    grid = math.isqrt(num_patches)
-    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
-    mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden_size
-    if num_heads is None:
-        num_heads = KNOWN_NUM_HEADS.get(hidden_size)
-        if num_heads is None:
-            raise ValueError(f"a DiT of width {hidden_size} is not an official size, and the head count "
-                             "cannot be read from the weights: pass it (--num-heads)")
-    return dict(
-        input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size,
-        class_dropout_prob=0.1, num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
-        learn_sigma=out_channels == 2 * in_channels,
-    )
-
-
-def registry_spec(name: str) -> tuple[dict, str | None]:
-    """What a registry name fixes: (architecture fields, N:M groups or None)."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiT_models)}")
-    groups = None
-    if name in GATED_PRESETS:
-        name, groups = GATED_PRESETS[name]
-    return dict(DiT_models[name].fixed), groups
+    if arch is not None:
+        return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
+    fits, errors = {}, []
+    for name, cls in ARCHITECTURES.items():
+        try:
+            fits[name] = cls.config_from_state_dict(state_dict, num_heads)
+        except ValueError as e:
+            errors.append(str(e))
+    if len(fits) == 1:
+        return next(iter(fits.items()))
+    if len(fits) > 1:
+        raise ValueError(f"{path} is a bare state dict whose layout fits several families ({', '.join(fits)}): "
+                         f"name the family and size with --model (e.g. --model {next(iter(fits))}-XL/2)")
+    raise ValueError(f"{path} holds no model of a known family: {'; '.join(dict.fromkeys(errors))}")
 
 
 def config_differences(expected: dict, found: dict) -> list[str]:
@@ -250,18 +245,28 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     ignored = sorted(k for k in state_dict if _GATE_KEY.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
 
-    fixed, preset_groups = registry_spec(model_name) if model_name else ({}, None)
+    arch_of_name, fixed, preset_groups = registry_spec(model_name) if model_name else (None, {}, None)
     if is_self_describing(obj):
         arch, config = obj["arch"], dict(obj["config"])
+        if arch_of_name is not None and arch_of_name != arch and not _same_layout(arch, arch_of_name):
+            raise ValueError(f"--model {model_name} is a {arch_of_name}, but {path} holds a {arch}; drop --model to "
+                             "use the model the file describes")
+        if arch_of_name is not None:
+            arch = arch_of_name  # e.g. a DiT file given --model SiT-XL/2: the layouts are equal
     else:
-        arch = "DiT"
-        config = infer_dit_config(state_dict, num_heads or fixed.get("num_heads"))
+        arch, config = family_config(state_dict, arch_of_name, num_heads or fixed.get("num_heads"), path)
     differences = config_differences(fixed, config)
     if differences:
         raise ValueError(f"--model {model_name} does not match {path}:\n  " + "\n  ".join(differences)
                          + "\nDrop --model to use the architecture the file describes, or pass the matching name.")
-
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path} holds a model of the family {arch!r}, which this toolkit does not know; known: "
+                         f"{', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[arch]
     model = build_architecture(arch, config)
+    config = dict(model.config)  # complete: per-block widths and attention filled in for older files
+    recorded_process = obj.get("process") if is_self_describing(obj) and obj.get("arch") == arch else None
+    process = create_process(recorded_process or family.default_process(config)).record()
     _load_weights(model, state_dict, path)
     model.eval()
     groups = groups or preset_groups
@@ -272,8 +277,16 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
         extra["ignored_keys"] = ignored
     if not is_self_describing(obj) and isinstance(obj.get("args"), argparse.Namespace):
         extra["args"] = vars(obj["args"])
-    return LoadedModel(model=model, arch=arch, config=config, lineage=obj.get("lineage") if is_self_describing(obj)
-                       else None, weights=which, path=path, extra=extra)
+    return LoadedModel(model=model, arch=arch, config=config, process=process,
+                       codec=obj.get("codec") if is_self_describing(obj) else None,
+                       lineage=obj.get("lineage") if is_self_describing(obj) else None,
+                       weights=which, path=path, extra=extra)
+
+
+def _same_layout(arch_a: str, arch_b: str) -> bool:
+    """Whether two families share one parameter layout (a file of one loads as the other)."""
+    a, b = ARCHITECTURES.get(arch_a), ARCHITECTURES.get(arch_b)
+    return a is not None and b is not None and (issubclass(a, b) or issubclass(b, a))
 
 
 def _load_weights(model: nn.Module, state_dict: dict, path: str) -> None:
@@ -300,25 +313,31 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def model_record(model: nn.Module, *, ema: nn.Module | None = None, lineage: dict | None = None,
-                 extra: dict | None = None) -> dict:
-    """The self-describing dict of a model: format, architecture, config, weights and lineage."""
-    inner = model.model if isinstance(model, GatedModel) else model
+def model_record(model: nn.Module, *, process: dict | None = None, codec: dict | None = None,
+                 ema: nn.Module | None = None, lineage: dict | None = None, extra: dict | None = None) -> dict:
+    """The self-describing dict of a model: format, family, complete config, process, codec, weights, lineage.
+
+    `process` defaults to the family's default process for this config; `codec` None records that the
+    codec is unknown (samplers then apply DiT's convention, see tinyfusion.vae.resolve_codec).
+    """
+    inner = unwrap(model)
+    if process is None:
+        process = create_process(type(inner).default_process(inner.config)).record()
     record = {
         "format": FORMAT, "version": FORMAT_VERSION, "arch": inner.arch, "config": dict(inner.config),
+        "process": dict(process), "codec": dict(codec) if codec is not None else None,
         "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
         "lineage": lineage, "extra": extra or {},
     }
     if ema is not None:
-        ema_inner = ema.model if isinstance(ema, GatedModel) else ema
-        record["ema"] = {k: v.detach().cpu() for k, v in ema_inner.state_dict().items()}
+        record["ema"] = {k: v.detach().cpu() for k, v in unwrap(ema).state_dict().items()}
     return record
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, *, ema: nn.Module | None = None,
-               lineage: dict | None = None, extra: dict | None = None) -> None:
+def save_model(path: str | os.PathLike, model: nn.Module, *, process: dict | None = None, codec: dict | None = None,
+               ema: nn.Module | None = None, lineage: dict | None = None, extra: dict | None = None) -> None:
     """Writes a self-describing model file (.pt, or .safetensors with the description as metadata)."""
-    record = model_record(model, ema=ema, lineage=lineage, extra=extra)
+    record = model_record(model, process=process, codec=codec, ema=ema, lineage=lineage, extra=extra)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save
 
@@ -345,7 +364,7 @@ def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) ->
     original = compose_kept_indices(source_lineage.get("kept_indices"), kept_indices)
     return {
         "kept_indices": original,
-        "source_depth": source_lineage.get("source_depth", source.config["depth"]),
+        "source_depth": source_lineage.get("source_depth", total_depth(source.model)),
         "source": {"path": os.path.abspath(source.path), "sha256": file_sha256(source.path)},
         "method": method,
         "parent": copy.deepcopy(source.lineage),
@@ -353,7 +372,7 @@ def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) ->
 
 
 __all__ = [
-    "FORMAT", "LoadedModel", "atomic_save", "config_differences", "file_sha256",
-    "infer_dit_config", "is_self_describing", "load_model", "model_record", "pruned_lineage",
-    "read_checkpoint", "registry_spec", "save_model", "select_state_dict", "strip_prefixes",
+    "FORMAT", "LoadedModel", "atomic_save", "config_differences", "family_config", "file_sha256",
+    "is_self_describing", "load_model", "model_record", "pruned_lineage",
+    "read_checkpoint", "save_model", "select_state_dict", "strip_prefixes",
 ]

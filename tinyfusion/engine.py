@@ -30,9 +30,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from models import unwrap
+from processes import Draws, NoiseProcess
+
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, read_checkpoint
 from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
+from .fileio import setting_differences
 from .precision import autocast, grad_scaler
 
 # Settings that may change between a run and its resumption (they do not change the result).
@@ -66,16 +70,24 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class Batch:
-    """One micro-batch and its randomness. Shapes: x (B, C, H, W), y (B,), t (B,), noise like x,
-    drop_ids (B,) 1 where the label is replaced by the null class, gate_uniform (B, K) or None."""
+    """One micro-batch and its randomness. Shapes: x (B, C, H, W), y (B,), draws the noise process's
+    draws of this batch (e.g. "t" (B,) and "noise" like x), drop_ids (B,) 1 where the label is
+    replaced by the null class, gate_uniform (B, K) or None."""
 
     x: torch.Tensor
     y: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
+    draws: Draws
     drop_ids: torch.Tensor
     gate_uniform: torch.Tensor | None
     step: int
+
+    @property
+    def cond(self) -> dict:
+        """The conditioning keyword arguments of a model call on this batch."""
+        cond = dict(y=self.y, force_drop_ids=self.drop_ids)
+        if self.gate_uniform is not None:
+            cond["gate_uniform"] = self.gate_uniform
+        return cond
 
 
 class Task(abc.ABC):
@@ -106,25 +118,27 @@ class Task(abc.ABC):
         """Called on rank 0 with each log record (e.g. to append it to a file of the task's own)."""
 
 
-def step_draws(seed: int, step: int, global_batch_size: int, latent_shape, num_timesteps: int, env: DistEnv, *,
-               label_dropout: float = 0.0, gate_options: int = 0) -> dict[str, torch.Tensor]:
+def step_draws(seed: int, step: int, global_batch_size: int, data_shape, process: NoiseProcess, env: DistEnv, *,
+               label_dropout: float = 0.0, gate_options: int = 0) -> dict:
     """The random draws of one step for the whole global batch; returns this process's slice.
 
-    "t" (B,) timesteps, "noise" (B, C, H, W), "drop_ids" (B,) label dropout, and with gates
-    "gate_uniform" (B, K). Drawn on env.device from a generator seeded by (seed, step) alone.
+    "draws" (the noise process's draws, e.g. time and noise), "drop_ids" (B,) label dropout, and with
+    gates "gate_uniform" (B, K). Drawn on env.device from a generator seeded by (seed, step) alone.
     """
     g = torch.Generator(device=env.device).manual_seed(derive_seed(SeedPurpose.TRAIN_STEP, seed, step))
     dev, B = env.device, global_batch_size
     draws = {
-        "t": torch.randint(0, num_timesteps, (B,), generator=g, device=dev),
-        "noise": torch.randn((B, *latent_shape), generator=g, device=dev),
+        "draws": process.draw(g, B, data_shape, dev),
         "drop_ids": (torch.rand(B, generator=g, device=dev) < label_dropout).long(),
     }
     if gate_options:
         draws["gate_uniform"] = torch.rand((B, gate_options), generator=g, device=dev)
     local = B // env.world_size
     begin = env.rank * local
-    return {k: v[begin:begin + local] for k, v in draws.items()}
+
+    def mine(v):
+        return {k: t[begin:begin + local] for k, t in v.items()} if isinstance(v, dict) else v[begin:begin + local]
+    return {k: mine(v) for k, v in draws.items()}
 
 
 #################################################################################
@@ -184,9 +198,7 @@ class CheckpointManager:
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:
     """Refuses to resume a run whose settings differ in a way that changes the result."""
-    differences = [f"{k}: the run has {saved.get(k)!r}, this command has {current.get(k)!r}"
-                   for k in sorted(set(saved) | set(current))
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+    differences = setting_differences(saved, current, ignore=RESUMABLE_CHANGES)
     if differences:
         raise ValueError(f"{path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
                          + "\nRe-run with the same settings to resume it, or choose another --results-dir/--prefix.")
@@ -207,18 +219,18 @@ class Trainer:
         task: the script's loss and hooks.
         dataset: the training data.
         config: loop settings.
-        num_timesteps: the diffusion's step count (timesteps are drawn uniformly below it).
-        label_dropout: probability of replacing a label by the null class (classifier-free guidance).
+        process: the noise process (it draws each example's time and noise).
         settings: the run's settings as a JSON-able dict, stored in checkpoints and compared on resume.
         logger: a rank-0 logger.
         record: builds the self-describing part of a checkpoint (architecture, config, lineage).
     """
 
     def __init__(self, *, env: DistEnv, model: nn.Module, param_groups: list[dict], task: Task,
-                 dataset: FeatureDataset, config: TrainConfig, num_timesteps: int, label_dropout: float,
+                 dataset: FeatureDataset, config: TrainConfig, process: NoiseProcess,
                  settings: dict, logger, record: Callable[[], dict]):
         self.env, self.model, self.task, self.dataset, self.config = env, model, task, dataset, config
-        self.num_timesteps, self.label_dropout = num_timesteps, label_dropout
+        # Label dropout (classifier-free guidance) is the model's: class_dropout_prob for DiT.
+        self.process, self.label_dropout = process, unwrap(model).label_dropout
         self.settings, self.logger, self.record = settings, logger, record
         self.run_dir = Path(config.run_dir)
 
@@ -296,7 +308,7 @@ class Trainer:
     def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
         """This process's slice of step `step`'s global draws."""
         return step_draws(self.config.global_seed, step, self.config.global_batch_size, self.dataset.latent_shape,
-                          self.num_timesteps, self.env, label_dropout=self.label_dropout,
+                          self.process, self.env, label_dropout=self.label_dropout,
                           gate_options=self.task.gate_options)
 
     # ----------------------------------------------------------------- loop
@@ -402,7 +414,8 @@ class Trainer:
         finite = torch.ones((), device=self.env.device)
         for m in range(self.accum_steps):
             sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
-            batch = Batch(x=x[sl], y=y[sl], t=rnd["t"][sl], noise=rnd["noise"][sl], drop_ids=rnd["drop_ids"][sl],
+            batch = Batch(x=x[sl], y=y[sl], draws={k: v[sl] for k, v in rnd["draws"].items()},
+                          drop_ids=rnd["drop_ids"][sl],
                           gate_uniform=rnd["gate_uniform"][sl] if "gate_uniform" in rnd else None, step=self.step)
             sync = contextlib.nullcontext() if m == self.accum_steps - 1 or not self.env.distributed \
                 else self.ddp_model.no_sync()

@@ -34,12 +34,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models import DiT
+from models import ARCHITECTURES, registry_spec
 
-from .checkpoint import registry_spec
 from .distributed import DistEnv, barrier
 from .features import FeatureIndex, SeedPurpose, derive_seed, shard_done, write_index, write_shard
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, setting_differences
 from .images import CroppedImages, ImageList
 from .precision import autocast
 from .vae import HUB_VAES, LatentCodec
@@ -84,14 +83,14 @@ def latent_size_of(codec: LatentCodec, image_size: int) -> int:
 def check_model_inputs(model_name: str, codec: LatentCodec, image_size: int) -> None:
     """Checks that a registry model can take the latents this codec makes from `image_size` images.
 
-    The model name fixes the patch size; the input channels are DiT's default (4, an SD VAE's
-    latents), which a registry name does not change.
+    The model name fixes the patch size; the input channels are the family's default (DiT: 4, an SD
+    VAE's latents), which a registry name does not change.
 
     Raises:
         ValueError: the channels differ, or the patches do not tile the latents; says what to change.
     """
-    fixed, _ = registry_spec(model_name)
-    defaults = {name: p.default for name, p in inspect.signature(DiT).parameters.items()}
+    arch, fixed, _ = registry_spec(model_name)
+    defaults = {name: p.default for name, p in inspect.signature(ARCHITECTURES[arch]).parameters.items()}
     config = {**defaults, **fixed}
     channels, expected = codec.latent_channels(), config["in_channels"]
     if channels != expected:
@@ -279,8 +278,7 @@ def _check_folder(root: Path, source: dict) -> None:
             continue
         recorded = True
         found = json.loads((root / name).read_text()).get("source", {})
-        differences = [f"{flag}: {found.get(key)!r} there, {source[key]!r} now"
-                       for key, flag in _SETTING_FLAGS.items() if found.get(key) != source[key]]
+        differences = setting_differences(found, source, names=_SETTING_FLAGS)
         if differences:
             raise ValueError(
                 f"--features-path {str(root)!r} holds features made with other settings ({'; '.join(differences)}); "

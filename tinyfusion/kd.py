@@ -2,9 +2,10 @@
 
     loss = alpha * KD + (1 - alpha) * GT + beta * FEAT
 
-KD is the distance between the student's and the teacher's predictions (MSE on the noise, plus
-with learned variances the KL divergence between their Gaussians p(x_{t-1} | x_t)); GT is the
-usual hybrid diffusion loss; FEAT is the MSE between hidden states of mapped blocks, where
+KD is the distance between the student's and the teacher's predictions, as the noise process
+defines it (DiT: MSE on the noise, plus with learned variances the KL divergence between their
+Gaussians p(x_{t-1} | x_t)); GT is the process's training loss; FEAT is the MSE between hidden
+states of mapped blocks (flat indices over the block stacks), where
 positions holding massive activations (|h - mean| > k * std of their tensor, in the teacher or
 the student) are masked out: those few huge values would otherwise dominate the loss and
 destabilise the student. beta decays linearly to 0 over the run.
@@ -12,23 +13,20 @@ destabilise the student. beta decays linearly to 0 over the run.
 
 from __future__ import annotations
 
-import argparse
-import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from diffusion import create_diffusion
-from diffusion.losses import mean_flat, normal_kl
+from models import BlockRecorder, flat_blocks, total_depth, unwrap
 from models import layer_map as lineage_layer_map
+from processes import NoiseProcess, create_process
 
-from .checkpoint import load_model, save_model
-from .distributed import barrier, cleanup
+from .checkpoint import LoadedModel, load_model, save_model
+from .distributed import barrier
 from .engine import Batch, Task, Trainer
+from .options import MaskedKDOptions
 from .training import (
-    check_data_fits,
     checkpoint_record,
     model_for_training,
     parameter_count,
@@ -67,50 +65,9 @@ def masked_feature_loss(student: torch.Tensor, teacher: torch.Tensor, k: float |
     return (diff2 * keep).sum() / keep.sum().clamp(min=1)
 
 
-def output_kd_loss(diffusion, student_out: torch.Tensor, teacher_out: torch.Tensor, x_t: torch.Tensor,
-                   t: torch.Tensor) -> torch.Tensor:
-    """Per-sample distance between the student's and the teacher's predictions, (N,).
-
-    MSE between the predicted noise; with learned variances plus KL(teacher || student) of their
-    Gaussians p(x_{t-1} | x_t) in bits, where (as in the hybrid loss) the KL term trains only the
-    student's variance output: the mean is matched by the MSE.
-    """
-    channels = x_t.shape[1]
-    teacher_out = teacher_out.detach().float()
-    student_out = student_out.float()
-    loss = mean_flat((student_out[:, :channels] - teacher_out[:, :channels]) ** 2)
-    if student_out.shape[1] == 2 * channels:
-        frozen = torch.cat([student_out[:, :channels].detach(), student_out[:, channels:]], dim=1)
-        p_student = diffusion.p_mean_variance(lambda *a, r=frozen: r, x_t, t, clip_denoised=False)
-        p_teacher = diffusion.p_mean_variance(lambda *a, r=teacher_out: r, x_t, t, clip_denoised=False)
-        kl = normal_kl(p_teacher["mean"], p_teacher["log_variance"], p_student["mean"], p_student["log_variance"])
-        loss = loss + mean_flat(kl) / math.log(2.0)
-    return loss
-
-
 #################################################################################
-#                                 Feature capture                               #
+#                                   Layer maps                                  #
 #################################################################################
-
-class FeatureTap:
-    """Keeps the output of chosen blocks of the latest forward pass (forward hooks on the blocks)."""
-
-    def __init__(self, blocks: nn.ModuleList, indices: Sequence[int]):
-        self.features: dict[int, torch.Tensor] = {}
-        self._handles = [blocks[i].register_forward_hook(_Record(self.features, i)) for i in sorted(set(indices))]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-class _Record:
-    def __init__(self, store: dict, index: int):
-        self.store, self.index = store, index
-
-    def __call__(self, module, args, output):
-        self.store[self.index] = output
-
 
 def parse_layer_map(text: str, student_depth: int, teacher_depth: int) -> dict[int, int]:
     """"0:0,1:2,..." (student block : teacher block) into a dict, validated against both depths."""
@@ -151,45 +108,42 @@ class MaskedKDTask(Task):
     """alpha * KD + (1 - alpha) * GT + beta * FEAT, beta decaying linearly from beta_feat to 0.
 
     Args:
-        diffusion: the training diffusion (all timesteps).
+        process: the noise process (training example, losses, what KD compares).
         teacher: the frozen teacher (eval mode, on the student's device).
-        student_blocks: the student's blocks (of the unwrapped model, for the feature taps).
-        layer_map: student block -> teacher block for FEAT.
+        student: the student (unwrapped), whose blocks the feature loss reads.
+        layer_map: student flat block -> teacher flat block for FEAT.
         alpha_kd, beta_feat, mask_k: the loss weights and the outlier threshold (None: no mask).
     """
 
-    def __init__(self, diffusion, teacher: nn.Module, student_blocks: nn.ModuleList, layer_map: dict[int, int],
+    def __init__(self, process: NoiseProcess, teacher: nn.Module, student: nn.Module, layer_map: dict[int, int],
                  alpha_kd: float, beta_feat: float, mask_k: float | None):
         if not 0.0 <= alpha_kd <= 1.0:
             raise ValueError(f"--alpha-kd must be in [0, 1], got {alpha_kd}")
         if beta_feat < 0:
             raise ValueError(f"--beta-feat must be non-negative, got {beta_feat}")
-        self.diffusion, self.teacher, self.layer_map = diffusion, teacher, layer_map
+        self.process, self.teacher, self.layer_map = process, teacher, layer_map
         self.alpha, self.beta0, self.mask_k = alpha_kd, beta_feat, mask_k
         self.student_tap = self.teacher_tap = None
         if beta_feat > 0:
-            self.student_tap = FeatureTap(student_blocks, list(layer_map))
-            self.teacher_tap = FeatureTap(teacher.blocks, list(layer_map.values()))
+            self.student_tap = BlockRecorder(flat_blocks(student), list(layer_map))
+            self.teacher_tap = BlockRecorder(flat_blocks(teacher), list(layer_map.values()))
 
     def beta(self, step: int, total_steps: int) -> float:
         """beta_feat decayed linearly to 0 over the run (a one-step run keeps beta_feat)."""
         return self.beta0 * (1.0 - step / max(total_steps, 1))
 
     def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
-        # The training diffusion uses every timestep, so model timesteps are the batch's timesteps.
-        x_t = self.diffusion.q_sample(batch.x, batch.t, noise=batch.noise)
-        kwargs = dict(y=batch.y, force_drop_ids=batch.drop_ids)
-        student_out = model(x_t, batch.t, **kwargs)
+        student = self.process.predict(model, batch.x, batch.draws, batch.cond)
         with torch.no_grad():
-            teacher_out = self.teacher(x_t, batch.t, **kwargs)
-        gt = self.diffusion.losses_from_output(student_out, batch.x, x_t, batch.t, batch.noise)["loss"].mean()
-        kd = output_kd_loss(self.diffusion, student_out, teacher_out, x_t, batch.t).mean()
+            teacher = self.process.predict(self.teacher, batch.x, batch.draws, batch.cond)
+        gt = self.process.losses(student, batch.x, batch.draws)["loss"].mean()
+        kd = self.process.distillation_loss(student, teacher).mean()
         out = {"kd": kd, "gt": gt}
         loss = self.alpha * kd + (1.0 - self.alpha) * gt
         beta = self.beta(batch.step, total_steps)
         if self.student_tap is not None:
             feat = torch.stack([
-                masked_feature_loss(self.student_tap.features[s], self.teacher_tap.features[t], self.mask_k)
+                masked_feature_loss(self.student_tap.outputs[s], self.teacher_tap.outputs[t], self.mask_k)
                 for s, t in self.layer_map.items()]).mean()
             loss = loss + beta * feat
             out["feat"] = feat
@@ -198,21 +152,39 @@ class MaskedKDTask(Task):
         return out
 
 
-def run_masked_kd(args: argparse.Namespace) -> None:
+def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) -> None:
+    """The teacher must share the student's family, process, inputs, classes and width."""
+    s, t = student.config, teacher.config
+    problems = []
+    if student.arch != teacher.arch:
+        problems.append(f"the student is a {student.arch}, the teacher a {teacher.arch}")
+    if student.process != teacher.process:
+        problems.append(f"their noise processes differ ({student.process} vs {teacher.process})")
+    s_shape, t_shape = tuple(unwrap(student.model).data_shape), tuple(unwrap(teacher.model).data_shape)
+    if s_shape != t_shape:
+        problems.append(f"inputs {s_shape} vs {t_shape}")
+    for key in ("num_classes", "hidden_size", "learn_sigma"):
+        if key in s and s.get(key) != t.get(key):
+            problems.append(f"{key} {s.get(key)} vs {t.get(key)}")
+    if problems:
+        raise ValueError(f"--load-teacher {path} cannot teach this student: {'; '.join(problems)}; use the model the "
+                         "student was pruned from")
+
+
+def run_masked_kd(args: MaskedKDOptions) -> None:
     """train_masked_kd.py: recover a pruned student by Masked KD from its teacher."""
-    run = start_run(args, default_prefix=f"{Path(args.load_weight or 'student').stem}-masked-kd")
-    try:
-        if not args.load_weight:
-            raise ValueError("give the pruned student with --load-weight")
+    if not args.load_weight:
+        raise ValueError("give the pruned student with --load-weight")
+    with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd") as run:
         student = model_for_training(args, run.dataset, run.logger)
         teacher = load_model(args.load_teacher, args.teacher, weights=args.teacher_weights,
                              num_heads=args.num_heads)
-        check_data_fits(teacher.config, run.dataset, "the teacher")
+        check_teacher_fits(student, teacher, args.load_teacher)
         model = student.model.to(run.env.device)
         if args.grad_checkpointing:
             model.gradient_checkpointing = True
         teacher_model = teacher.model.to(run.env.device).eval().requires_grad_(False)
-        s_depth, t_depth = len(model.blocks), len(teacher_model.blocks)
+        s_depth, t_depth = total_depth(model), total_depth(teacher_model)
         if args.layer_map:
             mapping = parse_layer_map(args.layer_map, s_depth, t_depth)
         elif args.beta_feat > 0:
@@ -223,22 +195,20 @@ def run_masked_kd(args: argparse.Namespace) -> None:
                         f"{parameter_count(teacher_model):,} parameters, depth {t_depth} ({args.load_teacher})")
         run.logger.info("layer map (student block -> teacher block): "
                         + (", ".join(f"{s}->{t}" for s, t in mapping.items()) or "none (output KD only)"))
-        diffusion = create_diffusion("", learn_sigma=student.config["learn_sigma"])
-        task = MaskedKDTask(diffusion, teacher_model, model.blocks, mapping, alpha_kd=args.alpha_kd,
+        process = create_process(student.process)
+        task = MaskedKDTask(process, teacher_model, model, mapping, alpha_kd=args.alpha_kd,
                             beta_feat=args.beta_feat, mask_k=None if args.mask_k <= 0 else args.mask_k)
         steps = total_steps(args, run.dataset)
         trainer = Trainer(
             env=run.env, model=model, param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
-            task=task, dataset=run.dataset, config=train_config(args, run, steps),
-            num_timesteps=diffusion.num_timesteps, label_dropout=student.config["class_dropout_prob"],
+            task=task, dataset=run.dataset, config=train_config(args, run, steps), process=process,
             settings=run_settings(args, precision=run.precision, layer_map={str(k): v for k, v in mapping.items()}),
             logger=run.logger, record=lambda: checkpoint_record(student, "train_masked_kd.py"))
         ema = trainer.fit()
         if args.save_model and run.env.is_main:
-            save_model(args.save_model, model, ema=ema, lineage=student.lineage,
+            save_model(args.save_model, model, ema=ema, process=student.process, codec=student.codec,
+                       lineage=student.lineage,
                        extra={"script": "train_masked_kd.py", "steps": steps, "teacher": args.load_teacher,
                               "initialised_from": student.path})
             run.logger.info(f"saved {args.save_model}")
         barrier()
-    finally:
-        cleanup()

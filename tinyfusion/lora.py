@@ -1,8 +1,7 @@
 """Weight updates that simulate the fine-tuning to come: LoRA (through peft) or full weights.
 
 TinyFusion trains these jointly with the layer gates and then throws them away: they only make
-the decision aware of how well each candidate recovers. The same helpers serve anyone who wants
-to fine-tune with LoRA and ship merged weights.
+the decision aware of how well each candidate recovers.
 """
 
 from __future__ import annotations
@@ -12,12 +11,15 @@ from typing import Iterable, Sequence
 
 import torch.nn as nn
 
+from models import flat_blocks
+
 # Every Linear of a DiT block: attention, MLP and the adaLN modulation.
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
 
 
 def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
-    """Full names of the Linear layers inside `model.blocks` whose name within the block matches a target.
+    """Full names of the Linear layers inside the model's blocks (every stack) whose name within the block
+    matches a target.
 
     A target matches the end of the name within its block ("attn.qkv", "fc1") or, written as
     "re:<pattern>", a regular expression over that name.
@@ -25,8 +27,8 @@ def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGET
         ValueError: when a target matches no Linear layer (a typo would otherwise train nothing).
     """
     names, hits = [], {t: 0 for t in targets}
-    blocks_prefix = _blocks_prefix(model)
-    for index, block in enumerate(model.blocks):
+    prefixes = _module_names(model)
+    for block in flat_blocks(model):
         for name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -34,7 +36,7 @@ def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGET
             for t in matched:
                 hits[t] += 1
             if matched:
-                names.append(f"{blocks_prefix}{index}.{name}")
+                names.append(f"{prefixes[id(block)]}.{name}")
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
         raise ValueError(f"LoRA targets {missing} match no Linear layer of the blocks; "
@@ -70,14 +72,15 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
     return params
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every LoRA update into its base weight and removes the adapters, in place."""
-    return _unload(model, merge=True)
-
-
 def strip_lora(model: nn.Module) -> nn.Module:
     """Removes every LoRA adapter without merging: the base weights come back as they were."""
-    return _unload(model, merge=False)
+    for name, module in list(model.named_modules()):
+        if not _is_lora_layer(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    return model
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -96,12 +99,9 @@ def trainable_fraction(model: nn.Module, params: Iterable[nn.Parameter] | None =
 #                                     Helpers                                   #
 #################################################################################
 
-def _blocks_prefix(model: nn.Module) -> str:
-    blocks = model.blocks
-    for name, module in model.named_modules():
-        if module is blocks:
-            return f"{name}." if name else ""
-    raise ValueError("the model's `blocks` are not among its submodules")
+def _module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its full name in `model`."""
+    return {id(module): name for name, module in model.named_modules()}
 
 
 def _matches(target: str, name: str) -> bool:
@@ -111,20 +111,8 @@ def _matches(target: str, name: str) -> bool:
 
 
 def _example_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear)]
+    return [n for n, m in flat_blocks(model)[0].named_modules() if isinstance(m, nn.Linear)]
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
-
-
-def _unload(model: nn.Module, merge: bool) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if not _is_lora_layer(module):
-            continue
-        if merge:
-            module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-    return model

@@ -9,7 +9,6 @@ kept blocks are cut from the ORIGINAL weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -18,13 +17,25 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from diffusion import create_diffusion
-from models import GatedModel, format_groups, prune_depth, validate_kept_indices
+from models import (
+    GatedModel,
+    format_groups,
+    join_indices,
+    parse_stack_groups,
+    parse_stack_indices,
+    prune_depth,
+    split_indices,
+    stack_depths,
+    validate_kept_indices,
+)
+from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model, pruned_lineage, save_model
-from .distributed import barrier, cleanup, create_logger, init_distributed
+from .distributed import barrier
 from .engine import Trainer
-from .lora import add_lora, trainable_fraction
+from .lora import DEFAULT_TARGETS, add_lora, trainable_fraction
+from .options import IndexPruningOptions, LearnedPruningOptions, RuntimeOptions
+from .runtime import bootstrap
 from .training import (
     DiffusionTask,
     check_data_fits,
@@ -70,43 +81,52 @@ def kept_from_pruned(pruned: Sequence[int], depth: int) -> list[int]:
 
 def save_pruned(source: LoadedModel, kept: Sequence[int], path: str, method: str, logger: logging.Logger,
                 extra: dict | None = None) -> nn.Module:
-    """Cuts the kept blocks out of `source` and writes a self-describing pruned checkpoint."""
-    model = source.model.model if isinstance(source.model, GatedModel) else source.model
-    kept = validate_kept_indices(kept, len(model.blocks))
+    """Cuts the kept blocks (flat indices) out of `source` and writes a self-describing pruned checkpoint.
+
+    A gated source gives its wrapped model up first (its gate hooks are removed), so the pruned
+    model carries no hooks and no copy of the gates.
+    """
+    model = source.model.release() if isinstance(source.model, GatedModel) else source.model
+    depths = stack_depths(model)
+    kept = validate_kept_indices(kept, sum(depths.values()))
     pruned = prune_depth(model, kept)
     lineage = pruned_lineage(source, kept, method)
-    save_model(path, pruned, lineage=lineage, extra=extra)
+    save_model(path, pruned, process=source.process, codec=source.codec, lineage=lineage, extra=extra)
     before, after = parameter_count(model), parameter_count(pruned)
-    logger.info(f"kept blocks {kept} of {len(model.blocks)} ({method}); original blocks "
+    per_stack = "" if len(depths) == 1 else " (" + ", ".join(
+        f"{name} {idx}" for name, idx in split_indices(kept, depths).items()) + ")"
+    logger.info(f"kept blocks {kept}{per_stack} of {sum(depths.values())} ({method}); original blocks "
                 f"{lineage['kept_indices']}; parameters {before:,} -> {after:,} ({after / before:.1%})")
     logger.info(f"saved {path}")
     return pruned
 
 
-def run_prune_by_index(args: argparse.Namespace) -> None:
+def run_prune_by_index(args: IndexPruningOptions) -> None:
     """prune_by_index.py: keep a chosen set of blocks (rank 0 writes under torchrun)."""
-    env = init_distributed(device="cpu")  # surgery needs no GPU
-    try:
-        if env.is_main:
-            _prune_by_index(args, create_logger(env))
+    with bootstrap(RuntimeOptions(), device="cpu") as rt:  # surgery needs no GPU
+        if rt.env.is_main:
+            _prune_by_index(args, rt.logger)
         barrier()
-    finally:
-        cleanup()
 
 
-def _prune_by_index(args: argparse.Namespace, logger: logging.Logger) -> None:
+def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
     source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
-    depth = source.config["depth"]
+    depths = stack_depths(source.model)
+    depth = sum(depths.values())
     if args.preset == "oracle":
-        kept, method = oracle_indices(depth), "oracle"
+        # The BK-SDM pattern halves each stack on its own.
+        kept = join_indices({name: oracle_indices(d) for name, d in depths.items()}, depths)
+        method = "oracle"
     elif args.preset == "first-k":
         if args.target_depth is None:
             raise ValueError("--preset first-k needs --target-depth")
         kept, method = first_k_indices(depth, args.target_depth), "first-k"
     elif args.kept_indices is not None:
-        kept, method = validate_kept_indices(args.kept_indices, depth), "index"
+        kept = validate_kept_indices(parse_stack_indices(args.kept_indices, depths, "--kept-indices"), depth)
+        method = "index"
     else:
-        kept, method = kept_from_pruned(args.pruned_indices, depth), "index"
+        kept, method = kept_from_pruned(parse_stack_indices(args.pruned_indices, depths, "--pruned-indices"),
+                                        depth), "index"
     save_pruned(source, kept, args.save_model, method, logger)
 
 
@@ -120,18 +140,18 @@ def linear_anneal(start: float, end: float, step: int, total_steps: int) -> floa
 
 
 class LearnedPruningTask(DiffusionTask):
-    """The diffusion loss through gated blocks, with tau and the logit scaling annealed per step.
+    """The process's training loss through gated blocks, with tau and the logit scaling annealed per step.
 
     Args:
-        diffusion: the training diffusion.
+        process: the noise process.
         gated: the gated model being trained (unwrapped).
         tau_range, scaling_range: (start, end) of the Gumbel temperature and of the logit scaling.
         run_dir: where decisions.jsonl is appended on every log step.
     """
 
-    def __init__(self, diffusion, gated: GatedModel, tau_range: Sequence[float], scaling_range: Sequence[float],
-                 run_dir: Path):
-        super().__init__(diffusion)
+    def __init__(self, process: NoiseProcess, gated: GatedModel, tau_range: Sequence[float],
+                 scaling_range: Sequence[float], run_dir: Path):
+        super().__init__(process)
         for name, (start, end) in (("--tau-range", tau_range), ("--scaling-range", scaling_range)):
             if start <= 0 or end <= 0:
                 raise ValueError(f"{name} values must be positive, got {start} {end}")
@@ -196,32 +216,34 @@ def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
     plt.close(fig)
 
 
-def _gated_source(args: argparse.Namespace) -> LoadedModel:
+def _gated_source(args: LearnedPruningOptions) -> LoadedModel:
     if args.model is None and args.groups is None:
         raise ValueError("give a gated model (e.g. --model DiT-XL-1-2) or N:M groups (--groups 14x1:2)")
-    loaded = load_model(args.load_weight, args.model, weights=args.weights, num_heads=args.num_heads,
-                        groups=args.groups)
+    loaded = load_model(args.load_weight, args.model, weights=args.weights, num_heads=args.num_heads)
+    if args.groups is not None:
+        base = loaded.model.release() if isinstance(loaded.model, GatedModel) else loaded.model
+        loaded.model = GatedModel(base, parse_stack_groups(args.groups, stack_depths(base)))
     if not isinstance(loaded.model, GatedModel):
         raise ValueError(f"--model {args.model} has no gates: use a gated preset (e.g. DiT-XL-1-2) or add --groups")
     return loaded
 
 
-def run_prune_by_learning(args: argparse.Namespace) -> None:
+def run_prune_by_learning(args: LearnedPruningOptions) -> None:
     """prune_by_learning.py: learn which blocks to keep, then cut them from the original weights."""
     if args.lora and not args.delta_w:
         raise ValueError("--lora chooses how weights are updated and needs --delta-w")
     if not args.save_model:
         raise ValueError("give --save-model: where to write the pruned model")
     name = (args.model or Path(args.load_weight).stem).replace("/", "-")
-    run = start_run(args, default_prefix=f"{name}-learned-pruning")
-    try:
+    with start_run(args, default_prefix=f"{name}-learned-pruning") as run:
         loaded = _gated_source(args)
         gated = loaded.model.to(run.env.device)
-        check_data_fits(loaded.config, run.dataset)
+        check_data_fits(gated, run.dataset)
         groups = gated.gates.groups
         weights: list[nn.Parameter] = []
         if args.delta_w and args.lora:
-            weights = add_lora(gated.model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+            weights = add_lora(gated.model, rank=args.lora_rank, alpha=args.lora_alpha,
+                               targets=args.lora_targets or DEFAULT_TARGETS)
         else:
             gated.model.requires_grad_(args.delta_w)
             weights = [p for p in gated.model.parameters() if p.requires_grad]
@@ -234,15 +256,15 @@ def run_prune_by_learning(args: argparse.Namespace) -> None:
         param_groups = [{"params": list(gated.gates.parameters()), "lr": args.lr * args.gate_lr_mult}]
         if weights:
             param_groups.insert(0, {"params": weights, "lr": args.lr})
-        diffusion = create_diffusion("", learn_sigma=loaded.config["learn_sigma"])
-        task = LearnedPruningTask(diffusion, gated, args.tau_range, args.scaling_range, run.run_dir)
+        process = create_process(loaded.process)
+        task = LearnedPruningTask(process, gated, args.tau_range, args.scaling_range, run.run_dir)
         steps = total_steps(args, run.dataset)
-        record = {"kind": "pruning", "arch": loaded.arch, "config": loaded.config, "lineage": loaded.lineage,
+        record = {"kind": "pruning", "arch": loaded.arch, "config": loaded.config, "process": loaded.process,
+                  "codec": loaded.codec, "lineage": loaded.lineage,
                   "extra": {"script": "prune_by_learning.py", "groups": format_groups(groups)}}
         trainer = Trainer(
             env=run.env, model=gated, param_groups=param_groups, task=task, dataset=run.dataset,
-            config=train_config(args, run, steps), num_timesteps=diffusion.num_timesteps,
-            label_dropout=loaded.config["class_dropout_prob"],
+            config=train_config(args, run, steps), process=process,
             settings=run_settings(args, precision=run.precision, groups=format_groups(groups)),
             logger=run.logger, record=lambda: record)
         ema = trainer.fit()
@@ -253,6 +275,7 @@ def run_prune_by_learning(args: argparse.Namespace) -> None:
                             + " ".join(f"{c:.3f}" for c in decision["confidence"]))
             # The weight updates only simulated fine-tuning: the pruned model starts from the original weights.
             original = load_model(args.load_weight, weights=args.weights, num_heads=args.num_heads)
+            original.process, original.codec = loaded.process, loaded.codec
             summary = {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
                        "options": decision["options"], "groups": format_groups(groups), "steps": steps,
                        "settings": run_settings(args, precision=run.precision)}
@@ -264,5 +287,3 @@ def run_prune_by_learning(args: argparse.Namespace) -> None:
                 plot_decisions(history, gated.gates.depth, run.run_dir / "decisions.png")
                 run.logger.info(f"decision history plotted in {run.run_dir / 'decisions.png'}")
         barrier()
-    finally:
-        cleanup()

@@ -23,7 +23,6 @@ the protocol beside it as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,22 +36,23 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from diffusion import create_diffusion
+from models import unwrap
+from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, file_sha256, load_model
-from .distributed import DistEnv, barrier, broadcast_object, cleanup, create_logger, init_distributed
+from .distributed import DistEnv, barrier, broadcast_object
 from .features import SeedPurpose, derive_seed
-from .fileio import atomic_write, atomic_write_json
-from .precision import PRECISIONS, autocast, enable_tf32, resolve_precision
-from .vae import LatentCodec, load_codec
+from .fileio import atomic_write, atomic_write_json, setting_differences
+from .options import SampleGridOptions, SampleSetOptions, SamplingOptions
+from .precision import PRECISIONS, autocast
+from .runtime import Runtime, bootstrap
+from .vae import LatentCodec, load_codec, resolve_codec
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 # The eight ImageNet classes of the DiT README's sample grid.
 SHOWCASE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 GRID_NROW = 4
-NUM_TRAIN_TIMESTEPS = 1000
 PROTOCOL_FORMAT = "tinyfusion-samples"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Protocol fields that do not change a single pixel: a resumed run may differ in them.
 _INFORMATIONAL = ("checkpoint_path",)
 
@@ -62,8 +62,8 @@ class SamplingSpec:
     """How images are drawn from a model: everything but the model, the seeds and the labels.
 
     Attributes:
-        sampler: "ddpm" (ancestral), "ddim" (eta 0) or "dpm++" (diffusers' DPM-Solver++ 2M).
-        num_steps: sampling steps, respaced from the 1000 training steps.
+        sampler: a sampler of the model's noise process (Gaussian: "ddpm", "ddim", "dpm++").
+        num_steps: sampling steps (the Gaussian process respaces its training steps to this many).
         cfg_scale: classifier-free guidance scale; 1.0 runs the plain conditional model.
         guide_all_channels: guide every noise channel, not the first 3 (the official choice).
         precision: autocast of the model, "fp32", "bf16" or "fp16" (already resolved, not "auto").
@@ -76,13 +76,19 @@ class SamplingSpec:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not 1 <= self.num_steps <= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"--num-sampling-steps must be between 1 and {NUM_TRAIN_TIMESTEPS} (the training "
-                             f"steps it is respaced from), got {self.num_steps}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @classmethod
+    def for_process(cls, process: NoiseProcess, *, sampler: str | None, num_steps: int | None, **kwargs
+                    ) -> "SamplingSpec":
+        """A spec whose sampler and step count default to the process's, checked against it."""
+        sampler = sampler or process.samplers[0]
+        if sampler not in process.samplers:
+            process.check_sampler(sampler, 1)
+        num_steps = num_steps if num_steps is not None else process.default_steps[sampler]
+        process.check_sampler(sampler, num_steps)
+        return cls(sampler=sampler, num_steps=num_steps, **kwargs)
 
 
 #################################################################################
@@ -90,14 +96,15 @@ class SamplingSpec:
 #################################################################################
 
 def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None = None, weights: str = "ema",
-                      num_heads: int | None = None, vae: str = "ema",
-                      device: torch.device | str = "cpu") -> tuple[LoadedModel, LatentCodec]:
+                      num_heads: int | None = None, vae: str | None = None, device: torch.device | str = "cpu",
+                      logger: logging.Logger | None = None) -> tuple[LoadedModel, LatentCodec]:
     """The model (on `device`, eval mode) and the codec that turns its outputs into images.
 
     Args:
         ckpt: any checkpoint `tinyfusion.checkpoint.load_model` reads.
         model_name, weights, num_heads: as for `load_model`.
-        vae: the `--vae` spec ("ema", "mse", a diffusers folder, or "none" for a pixel-space model).
+        vae: the `--vae` spec ("ema", "mse", a diffusers folder, "none" for pixels); None or "auto" takes
+            the codec the checkpoint records (see `tinyfusion.vae.resolve_codec`).
         device: where to sample.
     Raises:
         ValueError: no checkpoint, or a model whose input channels the codec does not produce.
@@ -105,12 +112,16 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
     if not ckpt:
         raise ValueError("no checkpoint given: pass --ckpt PATH (official DiT weights, a TinyFusion or toolkit file)")
     loaded = load_model(ckpt, model_name, weights=weights, num_heads=num_heads)
-    codec = load_codec(vae, device)
-    in_channels, produced = loaded.config["in_channels"], codec.latent_channels()
+    in_channels = unwrap(loaded.model).data_shape[0]
+    spec, why = resolve_codec(vae, loaded.codec, in_channels)
+    if logger is not None and vae in (None, "auto"):
+        logger.info(f"codec: {spec} ({why})")
+    codec = load_codec(spec, device)
+    produced = codec.latent_channels()
     if in_channels != produced:
         fix = ("this is a latent-space model: pass --vae ema or --vae mse (or a VAE folder)" if codec.vae is None
                else "pass the VAE the model was trained with, or --vae none for a pixel-space model")
-        raise ValueError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {vae} makes "
+        raise ValueError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {spec} makes "
                          f"{produced}-channel ones; {fix}")
     loaded.model.to(device).eval()
     return loaded, codec
@@ -159,7 +170,7 @@ def _denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device) -> Cal
     forward_with_cfg, keep the first half) without carrying the unused second half through the
     sampler, which would also draw step noise for it.
     """
-    null_class = model.num_classes
+    null_class = unwrap(model).num_classes
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(spec.precision, device):
@@ -175,15 +186,16 @@ def _denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device) -> Cal
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], spec: SamplingSpec, *,
-                   progress: bool = False) -> torch.Tensor:
+def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor, seeds: Sequence[int],
+                   spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
     """Samples model inputs (latents, or pixels for a pixel-space model), one per label.
 
-    Sample i depends only on labels[i] and seeds[i]: its x_T and every step's noise come from its own
-    generator, so it is the same in any batch (up to float rounding across batch shapes).
+    Sample i depends only on labels[i] and seeds[i]: its starting noise and every step's noise come
+    from its own generator, so it is the same in any batch (up to float rounding across batch shapes).
 
     Args:
-        model: a DiT on its sampling device, eval mode.
+        model: a model on its sampling device, eval mode.
+        process: the model's noise process (it owns the samplers).
         labels: (N,) class labels, on the model's device.
         seeds: N seeds (see `image_seeds`).
         spec: sampler, steps, guidance and precision.
@@ -194,48 +206,21 @@ def sample_latents(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int],
     device = next(model.parameters()).device
     if len(seeds) != len(labels):
         raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels; give one seed per image")
-    if spec.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+    inner = unwrap(model)
+    if spec.cfg_scale != 1.0 and inner.label_dropout == 0:
         raise ValueError("the model has no null class (it was trained without label dropout), so it cannot be "
                          "guided; use --cfg-scale 1")
-    config = model.config
-    shape = (len(labels), config["in_channels"], config["input_size"], config["input_size"])
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    # The same x_T for every sampler: image i starts from the same noise under ddpm, ddim and dpm++.
-    noise = torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generators])
-    denoise = _denoiser(model, spec, device)
-    if spec.sampler == "dpm++":
-        return _dpm_solver_loop(denoise, noise, labels, spec.num_steps, progress)
-    diffusion = create_diffusion(str(spec.num_steps), learn_sigma=config["learn_sigma"])
-    loop = diffusion.p_sample_loop if spec.sampler == "ddpm" else diffusion.ddim_sample_loop
-    # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
-    return loop(denoise, shape, noise=noise, clip_denoised=False, model_kwargs=dict(y=labels), device=device,
-                progress=progress, generator=generators)
+    # The same starting noise for every sampler: image i starts from the same noise under each of them.
+    noise = torch.stack([torch.randn(tuple(inner.data_shape), generator=g, device=device) for g in generators])
+    return process.sample(_denoiser(model, spec, device), noise, dict(y=labels), sampler=spec.sampler,
+                          num_steps=spec.num_steps, generators=generators, progress=progress)
 
 
-def _dpm_solver_loop(denoise: Callable, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
-                     progress: bool) -> torch.Tensor:
-    """DPM-Solver++ (2M, Lu et al. 2022) from diffusers, on DiT's training schedule; deterministic given x_T."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    # DiT's "linear" schedule: betas from 1e-4 to 0.02 over 1000 steps, epsilon prediction.
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4,
-                                            beta_end=0.02, beta_schedule="linear", algorithm_type="dpmsolver++",
-                                            prediction_type="epsilon")
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    channels = noise.shape[1]
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-        timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        # With a learned variance the model outputs 2C channels; the solver needs the noise (the first C).
-        eps = denoise(x, timesteps, labels)[:, :channels]
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
-
-
-def sample_images(model: nn.Module, codec: LatentCodec, labels: torch.Tensor, seeds: Sequence[int],
-                  spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
-    """Images (N, 3, H, W), nominally in [-1, 1] (not clamped): `sample_latents`, decoded."""
-    return codec.decode(sample_latents(model, labels, seeds, spec, progress=progress))
+def sample_images(model: nn.Module, process: NoiseProcess, codec: LatentCodec, labels: torch.Tensor,
+                  seeds: Sequence[int], spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
+    """Images (N, C, H, W), nominally in [-1, 1] (not clamped): `sample_latents`, decoded."""
+    return codec.decode(sample_latents(model, process, labels, seeds, spec, progress=progress))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -266,31 +251,36 @@ def run_name(ckpt: str | os.PathLike, spec: SamplingSpec, seed: int, num_samples
 #                                 sample.py: a grid                             #
 #################################################################################
 
-def run_sample(args: argparse.Namespace) -> Path:
-    """sample.py: one PNG grid of the --class-labels, image i seeded from (--seed, i)."""
-    env = init_distributed(args.device)
-    if env.distributed:
-        raise ValueError("sample.py runs in one process; for many images on many GPUs use "
-                         "torchrun ... sample_ddp.py")
-    if args.tf32:
-        enable_tf32()
-    logger = create_logger(env)
-    spec = SamplingSpec(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                        guide_all_channels=args.guide_all_channels,
-                        precision=resolve_precision(args.precision, env.device))
+def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProcess, LatentCodec, SamplingSpec]:
+    """The model, its process and codec, and the sampling spec of a sampling script's options."""
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
-                                      num_heads=args.num_heads, vae=args.vae, device=env.device)
-    num_classes = loaded.config["num_classes"]
-    labels = resolve_class_labels(args.class_labels, num_classes)
-    if args.class_labels is None:
-        logger.info(f"--class-labels not given: classes {labels} of this {num_classes}-class model")
-    out = Path(args.out) if args.out else Path("outputs/samples") / f"{run_name(args.ckpt, spec, args.seed)}.png"
-    logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on {env.device.type}: "
-                f"{spec.sampler}, {spec.num_steps} steps, cfg {spec.cfg_scale:g}, {spec.precision}, vae {codec.name}")
-    images = sample_images(loaded.model, codec, torch.tensor(labels, device=env.device),
-                           image_seeds(args.seed, range(len(labels))), spec, progress=True)
-    save_grid(images, out)
-    logger.info(f"saved {out}")
+                                      num_heads=args.num_heads, vae=args.vae, device=rt.env.device, logger=rt.logger)
+    process = create_process(loaded.process)
+    spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
+                                    cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels,
+                                    precision=rt.precision)
+    return loaded, process, codec, spec
+
+
+def run_sample(args: SampleGridOptions) -> Path:
+    """sample.py: one PNG grid of the --class-labels, image i seeded from (--seed, i)."""
+    with bootstrap(args) as rt:
+        if rt.env.distributed:
+            raise ValueError("sample.py runs in one process; for many images on many GPUs use "
+                             "torchrun ... sample_ddp.py")
+        loaded, process, codec, spec = _prepare(args, rt)
+        num_classes = loaded.config["num_classes"]
+        labels = resolve_class_labels(args.class_labels, num_classes)
+        if args.class_labels is None:
+            rt.logger.info(f"--class-labels not given: classes {labels} of this {num_classes}-class model")
+        out = Path(args.out) if args.out else Path("outputs/samples") / f"{run_name(args.ckpt, spec, args.seed)}.png"
+        rt.logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on "
+                       f"{rt.env.device.type}: {spec.sampler}, {spec.num_steps} steps, cfg {spec.cfg_scale:g}, "
+                       f"{spec.precision}, vae {codec.name}")
+        images = sample_images(loaded.model, process, codec, torch.tensor(labels, device=rt.env.device),
+                               image_seeds(args.seed, range(len(labels))), spec, progress=True)
+        save_grid(images, out)
+        rt.logger.info(f"saved {out}")
     return out
 
 
@@ -309,14 +299,16 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         tf32: whether TF32 matmuls were allowed (matters on CUDA only).
     """
     config = loaded.config
+    channels, size, _ = unwrap(loaded.model).data_shape
     protocol = {
         "format": PROTOCOL_FORMAT, "version": PROTOCOL_VERSION,
         "checkpoint_path": os.path.abspath(loaded.path),
         "checkpoint_sha256": file_sha256(loaded.path),
-        "arch": loaded.arch, "model_config": config, "lineage": loaded.lineage, "weights": loaded.weights,
-        "sampler": spec.sampler, "num_sampling_steps": spec.num_steps, "cfg_scale": spec.cfg_scale,
-        "guided_channels": config["in_channels"] if spec.guide_all_channels else min(3, config["in_channels"]),
-        "vae": codec.name, "image_size": config["input_size"] * codec.downsample,
+        "arch": loaded.arch, "model_config": config, "process": loaded.process, "lineage": loaded.lineage,
+        "weights": loaded.weights, "sampler": spec.sampler, "num_sampling_steps": spec.num_steps,
+        "cfg_scale": spec.cfg_scale,
+        "guided_channels": channels if spec.guide_all_channels else min(3, channels),
+        "vae": codec.name, "image_size": size * codec.downsample,
         "num_classes": config["num_classes"],
         "precision": spec.precision, "tf32": bool(tf32 and device.type == "cuda"), "device": device.type,
         "global_seed": seed, "num_samples": num_samples, "per_process_batch_size": batch_size,
@@ -343,9 +335,7 @@ def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
     done = {b for b in range(num_batches) if _part_path(run_dir, b).is_file()}
     if record.is_file():
         recorded = json.loads(record.read_text())
-        differences = [f"{key}: recorded {recorded.get(key)!r}, now {protocol.get(key)!r}"
-                       for key in sorted(set(recorded) | set(protocol))
-                       if key not in _INFORMATIONAL and recorded.get(key) != protocol.get(key)]
+        differences = setting_differences(recorded, protocol, ignore=_INFORMATIONAL)
         if differences:
             raise ValueError(
                 f"{run_dir} holds samples of another protocol:\n  " + "\n  ".join(differences)
@@ -411,7 +401,8 @@ def _write_pngs(run_dir: Path, batches: Iterable[int], batch_size: int, num_samp
                 atomic_write(png, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
 
 
-def generate_fid_samples(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpec, *, env: DistEnv, seed: int,
+def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: LatentCodec, spec: SamplingSpec, *,
+                         env: DistEnv, seed: int,
                          num_samples: int, batch_size: int, run_dir: str | os.PathLike, npz_path: str | os.PathLike,
                          tf32: bool = False, save_png: bool = False,
                          logger: logging.Logger | None = None) -> dict:
@@ -421,7 +412,8 @@ def generate_fid_samples(loaded: LoadedModel, codec: LatentCodec, spec: Sampling
     dealt round-robin to the ranks, so no two ranks write the same file.
 
     Args:
-        loaded, codec, spec: the model (on env.device), its codec and the sampling settings.
+        loaded, process, codec, spec: the model (on env.device), its noise process, its codec and the
+            sampling settings.
         env: this process's place in the world.
         seed: the global seed; num_samples: N; batch_size: B, images per batch on each process.
         run_dir: the run folder (parts, protocol.json, png/); npz_path: the final .npz.
@@ -460,7 +452,7 @@ def generate_fid_samples(loaded: LoadedModel, codec: LatentCodec, spec: Sampling
     for batch in tqdm(mine, desc="batches", disable=not env.is_main):
         indices = range(batch * batch_size, (batch + 1) * batch_size)
         labels = torch.tensor(image_labels(seed, indices, num_classes), device=env.device)
-        images = to_uint8(sample_images(loaded.model, codec, labels, image_seeds(seed, indices), spec))
+        images = to_uint8(sample_images(loaded.model, process, codec, labels, image_seeds(seed, indices), spec))
         keep = min(batch_size, num_samples - batch * batch_size)
         atomic_write(_part_path(run_dir, batch), lambda f: np.savez(
             f, images=images[:keep], labels=labels[:keep].cpu().numpy(), indices=np.asarray(indices[:keep])))
@@ -479,35 +471,26 @@ def generate_fid_samples(loaded: LoadedModel, codec: LatentCodec, spec: Sampling
     return protocol
 
 
-def run_sample_ddp(args: argparse.Namespace) -> Path:
+def run_sample_ddp(args: SampleSetOptions) -> Path:
     """sample_ddp.py: an FID sample set under torchrun (or one process), resumable."""
     if args.npz and not args.npz.endswith(".npz"):
         raise ValueError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
-    env = init_distributed(args.device)
-    try:
-        if args.tf32:
-            enable_tf32()
-        spec = SamplingSpec(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                            guide_all_channels=args.guide_all_channels,
-                            precision=resolve_precision(args.precision, env.device))
-        loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
-                                          num_heads=args.num_heads, vae=args.vae, device=env.device)
+    with bootstrap(args) as rt:
+        loaded, process, codec, spec = _prepare(args, rt)
         name = run_name(args.ckpt, spec, args.global_seed, args.num_fid_samples)
         run_dir = Path(args.sample_dir) / name
         npz_path = Path(args.npz) if args.npz else Path(args.sample_dir) / f"{name}.npz"
-        logger = create_logger(env, run_dir)
-        logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.sampler}, {spec.num_steps} steps, cfg "
-                    f"{spec.cfg_scale:g}, {spec.precision}, vae {codec.name}, {env.device.type}")
-        generate_fid_samples(loaded, codec, spec, env=env, seed=args.global_seed, num_samples=args.num_fid_samples,
-                             batch_size=args.per_proc_batch_size, run_dir=run_dir, npz_path=npz_path,
-                             tf32=args.tf32, save_png=args.save_png, logger=logger)
-    finally:
-        cleanup()
+        rt.log_to(run_dir)
+        rt.logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.sampler}, {spec.num_steps} steps, cfg "
+                       f"{spec.cfg_scale:g}, {spec.precision}, vae {codec.name}, {rt.env.device.type}")
+        generate_fid_samples(loaded, process, codec, spec, env=rt.env, seed=args.global_seed,
+                             num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size, run_dir=run_dir,
+                             npz_path=npz_path, tf32=args.tf32, save_png=args.save_png, logger=rt.logger)
     return npz_path
 
 
 __all__ = [
-    "GRID_NROW", "SAMPLERS", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels",
+    "GRID_NROW", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels",
     "image_seeds", "load_for_sampling", "resolve_class_labels", "run_name", "run_sample", "run_sample_ddp",
     "sample_images", "sample_latents", "sampling_protocol", "save_grid", "to_uint8", "write_npz",
 ]

@@ -96,3 +96,32 @@ def load_codec(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
             ".save_pretrained('vae')\"` and pass --vae vae") from None
     vae.eval().requires_grad_(False)
     return LatentCodec(vae, spec).to(device)
+
+
+#################################################################################
+#                          The codec a checkpoint records                       #
+#################################################################################
+
+def codec_record(vae: str, scaling_factor: float) -> dict:
+    """What a model file records of its codec: the --vae spec ("none": pixels) and its scaling factor."""
+    return {"vae": vae, "scaling_factor": float(scaling_factor)}
+
+
+def resolve_codec(flag: str | None, recorded: dict | None, in_channels: int) -> tuple[str, str]:
+    """The --vae spec to sample a model with, and why: the flag, else the file's record, else DiT's default.
+
+    A file that records no codec (official weights, older toolkit files) is read as DiT's convention:
+    4 input channels are SD-VAE latents ("ema", as DiT's sample.py), 3 are pixels.
+    Raises:
+        ValueError: no flag, no record, and an input width that names no codec.
+    """
+    if flag not in (None, "auto"):
+        return flag, "--vae"
+    if recorded is not None:
+        return recorded["vae"], "recorded in the checkpoint"
+    if in_channels == 3:
+        return "none", "3 input channels: pixels (the checkpoint records no codec)"
+    if in_channels == 4:
+        return "ema", "4 input channels: SD-VAE latents, as DiT (the checkpoint records no codec)"
+    raise ValueError(f"the checkpoint records no codec and its {in_channels} input channels name none: pass --vae "
+                     "(a VAE folder or hub id, or none for pixels)")

@@ -23,20 +23,19 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion import create_diffusion
-from models import GatedModel, build_architecture, create_model, prune_depth
-
-from .checkpoint import LoadedModel, load_model
-from .distributed import DistEnv
-from .engine import TrainConfig, Trainer
-from .features import FeatureDataset, write_index, write_shard
-from .fileio import atomic_write_json
-from .kd import MaskedKDTask
-from .lora import add_lora, trainable_fraction
-from .precision import autocast
-from .pruning import LearnedPruningTask
-from .sampling import SamplingSpec, image_seeds, sample_latents
-from .training import DiffusionTask, parameter_count
+from models import ARCHITECTURES, GatedModel, build_architecture, create_model, prune_depth, total_depth
+from processes import NoiseProcess, create_process
+from tinyfusion.checkpoint import LoadedModel, load_model
+from tinyfusion.distributed import DistEnv
+from tinyfusion.engine import TrainConfig, Trainer
+from tinyfusion.features import FeatureDataset, write_index, write_shard
+from tinyfusion.fileio import atomic_write_json
+from tinyfusion.kd import MaskedKDTask
+from tinyfusion.lora import add_lora, trainable_fraction
+from tinyfusion.precision import autocast
+from tinyfusion.pruning import LearnedPruningTask
+from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
+from tinyfusion.training import DiffusionTask, parameter_count
 
 #################################################################################
 #                                     Timing                                    #
@@ -138,11 +137,16 @@ def bench_model(spec: str, input_size: int, device: torch.device, num_classes: i
     return BenchModel(spec, model.to(device).eval(), arch, config)
 
 
+def process_of(config: dict, arch: str = "DiT") -> NoiseProcess:
+    """The default noise process of a model of family `arch` with this config."""
+    return create_process(ARCHITECTURES[arch].default_process(config))
+
+
 def _inputs(config: dict, batch_size: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
     size, channels = config["input_size"], config["in_channels"]
     x = torch.randn(batch_size, channels, size, size, generator=g).to(device)
-    t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+    t = process_of(config).draw(g, batch_size, (), torch.device("cpu"))["t"].to(device)
     y = torch.randint(0, config["num_classes"], (batch_size,), generator=g).to(device)
     return x, t, y
 
@@ -178,7 +182,8 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                 for bm, (times, memory) in zip(models, timings):
                     flops = forward_flops(bm.arch, bm.config, batch_size)
                     latency = statistics.median(times)
-                    row = {"model": bm.name, "depth": bm.config["depth"], "params_m": parameter_count(bm.model) / 1e6,
+                    row = {"model": bm.name, "depth": total_depth(bm.model),
+                           "params_m": parameter_count(bm.model) / 1e6,
                            "batch": batch_size, "precision": precision, "compile": compiled,
                            "gflops": flops / 1e9, "latency_ms": latency * 1e3, "images_per_s": batch_size / latency,
                            "peak_mib": memory["peak_mib"], "memory": memory["memory"]}
@@ -198,7 +203,8 @@ def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int
     for bm in models:
         labels = torch.arange(batch_size, device=device) % bm.config["num_classes"]
         seeds = image_seeds(0, range(batch_size))
-        times = time_call(lambda bm=bm: sample_latents(bm.model, labels, seeds, spec), device, 1, repeats)
+        process = process_of(bm.config, bm.arch)
+        times = time_call(lambda bm=bm: sample_latents(bm.model, process, labels, seeds, spec), device, 1, repeats)
         seconds = statistics.median(times)
         row = {"model": bm.name, "batch": batch_size, "sampler": sampler, "steps": num_steps, "cfg": cfg_scale,
                "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds}
@@ -228,13 +234,13 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     Each task builds its own models and frees them before the next (DiT-XL/2 with its optimizer and
     EMA alone is ~14 GB in fp32).
     """
-    diffusion = create_diffusion("", learn_sigma=bm.config["learn_sigma"])
+    process = process_of(bm.config, bm.arch)
     results: dict = {"model": bm.name, "batch": batch_size, "precision": precision, "device": env.device.type}
     bm.model.to("cpu")  # the tasks build their own copies
     with tempfile.TemporaryDirectory() as tmp:
         dataset = _random_features(Path(tmp) / "features", bm.config, batch_size)
         x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in range(batch_size))))
-        bench = _TrainingBench(bm, dataset, diffusion, x, y, precision, env, warmup, repeats, Path(tmp), log)
+        bench = _TrainingBench(bm, dataset, process, x, y, precision, env, warmup, repeats, Path(tmp), log)
         rows = [bench.train(), bench.kd()]
         for mode in ("lora", "full"):
             row, fraction = bench.prune(mode, lora_rank)
@@ -249,8 +255,8 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
 class _TrainingBench:
     """One timed task at a time through the real training step (Trainer.train_step)."""
 
-    def __init__(self, bm, dataset, diffusion, x, y, precision, env, warmup, repeats, tmp, log):
-        self.bm, self.dataset, self.diffusion, self.x, self.y = bm, dataset, diffusion, x, y
+    def __init__(self, bm, dataset, process, x, y, precision, env, warmup, repeats, tmp, log):
+        self.bm, self.dataset, self.process, self.x, self.y = bm, dataset, process, x, y
         self.precision, self.env, self.warmup, self.repeats, self.tmp, self.log = (
             precision, env, warmup, repeats, tmp, log)
 
@@ -262,8 +268,8 @@ class _TrainingBench:
         config = TrainConfig(run_dir=self.tmp / name, global_batch_size=len(self.x), total_steps=10**9, lr=1e-4,
                              precision=self.precision, ema_decay=0.999)
         trainer = Trainer(env=self.env, model=model, param_groups=[{"params": params}], task=task,
-                          dataset=self.dataset, config=config, num_timesteps=self.diffusion.num_timesteps,
-                          label_dropout=0.1, settings={}, logger=self.log, record=dict)
+                          dataset=self.dataset, config=config, process=self.process, settings={}, logger=self.log,
+                          record=dict)
         model.train()
         with peak_memory(self.env.device) as memory:
             seconds = statistics.median(time_call(lambda: trainer.train_step(self.x, self.y), self.env.device,
@@ -275,27 +281,28 @@ class _TrainingBench:
 
     def train(self) -> dict:
         model = self.fresh()
-        return self.time_steps("train", model, list(model.parameters()), DiffusionTask(self.diffusion))
+        return self.time_steps("train", model, list(model.parameters()), DiffusionTask(self.process))
 
     def kd(self) -> dict:
         teacher = self.fresh().eval().requires_grad_(False)
-        kept = list(range(self.bm.config["depth"] // 2))
+        kept = list(range(total_depth(teacher) // 2))
         student = prune_depth(teacher, kept).train().requires_grad_(True)
-        task = MaskedKDTask(self.diffusion, teacher, student.blocks, dict(enumerate(kept)), 0.9, 1e-2, 2.0)
+        task = MaskedKDTask(self.process, teacher, student, dict(enumerate(kept)), 0.9, 1e-2, 2.0)
         row = self.time_steps("kd", student, list(student.parameters()), task)
-        t = torch.randint(0, self.diffusion.num_timesteps, self.y.shape, device=self.env.device)
-        x_t = self.diffusion.q_sample(self.x, t, torch.randn_like(self.x))
+        g = torch.Generator(self.env.device).manual_seed(0)
+        draws = self.process.draw(g, len(self.x), self.x.shape[1:], self.env.device)
 
         def teacher_forward():
             with torch.no_grad(), autocast(self.precision, self.env.device):
-                teacher(x_t, t, self.y)
+                self.process.predict(teacher, self.x, draws, dict(y=self.y))
 
         seconds = statistics.median(time_call(teacher_forward, self.env.device, self.warmup, self.repeats))
         row["teacher_share"] = seconds / row["seconds_per_step"]
         return row
 
     def prune(self, mode: str, lora_rank: int) -> tuple[dict, float | None]:
-        gated = GatedModel(self.fresh(), f"{self.bm.config['depth'] // 2}x1:2")
+        model = self.fresh()
+        gated = GatedModel(model, f"{total_depth(model) // 2}x1:2")
         fraction = None
         if mode == "lora":
             weights = add_lora(gated.model, rank=lora_rank)
@@ -304,7 +311,7 @@ class _TrainingBench:
         else:
             weights = list(gated.model.parameters())
         gated.gates.requires_grad_(True)
-        task = LearnedPruningTask(self.diffusion, gated, (4.0, 0.1), (100.0, 100.0), self.tmp)
+        task = LearnedPruningTask(self.process, gated, (4.0, 0.1), (100.0, 100.0), self.tmp)
         return self.time_steps(f"prune-{mode}", gated, weights + list(gated.gates.parameters()), task), fraction
 
 
@@ -369,7 +376,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args) -> tuple[DistEnv, logging.Logger]:
-    from .distributed import create_logger, init_distributed
+    from tinyfusion.distributed import create_logger, init_distributed
 
     env = init_distributed(args.device)
     if env.distributed:

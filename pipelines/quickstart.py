@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write, atomic_write_json
+from models import total_depth
+from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_MODEL = "DiT-Nano/2"
@@ -105,7 +106,7 @@ def real_halves(folder: Path, image_size: int, out: Path, seed: int) -> tuple[Pa
     """The real images (center-cropped) split in two random halves, as .npz files and arrays with labels."""
     from PIL import Image
 
-    from .images import adm_center_crop, list_image_folder
+    from tinyfusion.images import adm_center_crop, list_image_folder
 
     listing = list_image_folder(folder)
     images = np.stack([np.asarray(adm_center_crop(Image.open(folder / p).convert("RGB"), image_size))
@@ -211,10 +212,10 @@ class Quickstart:
         """Records the run's settings in the folder, or refuses a folder made with other ones."""
         record = self.out / "quickstart.json"
         if record.is_file():
-            found = json.loads(record.read_text())
-            if found != self.settings():
-                raise ValueError(f"{self.out} holds a quickstart run with other settings ({found}); pass another "
-                                 "--out, or delete the folder to start over")
+            differences = setting_differences(json.loads(record.read_text()), json.loads(json.dumps(self.settings())))
+            if differences:
+                raise ValueError(f"{self.out} holds a quickstart run with other settings ({'; '.join(differences)}); "
+                                 "pass another --out, or delete the folder to start over")
         else:
             atomic_write_json(record, self.settings())
 
@@ -239,7 +240,7 @@ class Quickstart:
         return self.report(models, fid, latency)
 
     def prepare_data(self) -> tuple[Path, Path, Path]:
-        from .evaluation import classifier_accuracy, save_feature_extractor, train_classifier
+        from tinyfusion.evaluation import classifier_accuracy, save_feature_extractor, train_classifier
 
         b = self.budget
         folder = Path(self.data_path) if self.data_path else self.path("data", "digits")
@@ -356,7 +357,7 @@ class Quickstart:
     def measure_latency(self, models: dict[str, Path]) -> dict[str, dict]:
         """Forward latency of each distinct architecture (models that differ only in which blocks
         they kept cost the same), timed once by benchmarks/forward.py."""
-        from .checkpoint import read_checkpoint
+        from tinyfusion.checkpoint import read_checkpoint
 
         by_architecture: dict[str, list[str]] = {}
         for name in ("teacher", *METHODS):
@@ -374,8 +375,8 @@ class Quickstart:
     # ----------------------------------------------------------------- the report
 
     def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict]) -> dict:
-        from .checkpoint import load_model
-        from .training import parameter_count
+        from tinyfusion.checkpoint import load_model
+        from tinyfusion.training import parameter_count
 
         def fid_of(name: str) -> float:
             return fid[name]["metrics"]["fid"]
@@ -387,7 +388,7 @@ class Quickstart:
         def row(name: str, method: str, base: str, after: str | None, times: list[str]) -> dict:
             loaded = load_model(models[after or base])
             lat = latency[base]["latency_ms"] / latency[base]["batch"]
-            return {"model": name, "method": method, "depth": loaded.config["depth"],
+            return {"model": name, "method": method, "depth": total_depth(loaded.model),
                     "params_m": parameter_count(loaded.model) / 1e6,
                     "latency_ms": lat, "speedup": teacher_latency / lat,
                     "fid_before": fid_of(base) if after else None, "fid_after": fid_of(after or base),

@@ -1,0 +1,464 @@
+"""MAR: masked autoregressive image generation with a diffusion loss (Li et al. 2024).
+
+"Autoregressive Image Generation without Vector Quantization", arXiv:2406.11838. A bidirectional
+MAE-style encoder-decoder (timm ViT blocks) reads the known tokens of a VAE latent and predicts a
+condition z for every token; a per-token diffusion head (`models.diffloss.DiffLoss`) models
+p(x | z). Training masks a random subset of tokens (ratio from a truncated Gaussian on
+[mask_ratio_min, 1]); sampling unmasks tokens in a random order over `num_iter` iterations with a
+cosine schedule (MaskGIT). Parameter names and shapes follow the official release, so its
+checkpoints load with `strict=True`.
+
+Randomness is injectable, so that reference draws can be fed in and every image is a function of
+its own seed:
+- `forward(imgs, labels, orders=None, mask=None, diffusion_t=None, diffusion_noise=None)`: each
+  draw not given is made as in the official code (numpy shuffles for the orders, a scipy truncated
+  normal for the masking ratio, torch's global generator for the timesteps and noise).
+- `sample_tokens(..., orders=None, generators=None)`: `generators` holds one torch.Generator per
+  image; image b's generation order and every diffusion noise of its tokens come from generators[b]
+  alone, so an image does not depend on the batch it is sampled in. Without generators the orders
+  come from numpy and the noises from torch's global generator, as in the official code. All the
+  Gaussian draws of sampling go through `diffusion.gaussian_diffusion._randn_like`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.stats as stats
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+from .diffloss import DiffLoss
+
+
+def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask that is True at the first `mask_len` positions of each row's order."""
+    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+    return mask.scatter(1, orders[:, :mask_len], True)
+
+
+class MAR(nn.Module):
+    """Masked autoregressive model over VAE latent tokens, with a per-token diffusion loss.
+
+    The constructor takes the official arguments in the official order, except that the LayerNorm
+    of the transformer blocks and of encoder_norm / decoder_norm is given by its epsilon `norm_eps`
+    instead of a `norm_layer` callable, so that `config` is plain JSON. The official presets
+    (mar_base / mar_large / mar_huge) pass LayerNorm with eps 1e-6, the default here (the official
+    class's own default, nn.LayerNorm's 1e-5, is used by no released model).
+
+    Args:
+        img_size: image resolution in pixels.
+        vae_stride: downsampling of the VAE; the latent is img_size / vae_stride on a side.
+        patch_size: latent pixels per token on a side.
+        encoder_embed_dim, encoder_depth, encoder_num_heads: the encoder's width, blocks and heads.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: the decoder's.
+        mlp_ratio: hidden width of the blocks' MLPs over their width.
+        norm_eps: epsilon of the blocks' LayerNorms and of encoder_norm / decoder_norm.
+        vae_embed_dim: channels of the VAE latent.
+        mask_ratio_min: lowest masking ratio of training (truncated Gaussian on [min, 1], std 0.25).
+        label_drop_prob: probability of replacing the class by the null class in training (for CFG).
+        class_num: number of classes.
+        attn_dropout, proj_dropout: dropouts of the blocks.
+        buffer_size: class-embedding tokens prepended to the sequence.
+        diffloss_d, diffloss_w: depth and width of the diffusion MLP.
+        num_sampling_steps: respacing of the diffusion sampler, e.g. "100".
+        diffusion_batch_mul: times each token is repeated, with its own timestep and noise, in the loss.
+        grad_checkpointing: recompute blocks in the backward pass to save memory.
+    """
+
+    arch = "MAR"
+
+    def __init__(
+        self,
+        img_size: int = 256,
+        vae_stride: int = 16,
+        patch_size: int = 1,
+        encoder_embed_dim: int = 1024,
+        encoder_depth: int = 16,
+        encoder_num_heads: int = 16,
+        decoder_embed_dim: int = 1024,
+        decoder_depth: int = 16,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        vae_embed_dim: int = 16,
+        mask_ratio_min: float = 0.7,
+        label_drop_prob: float = 0.1,
+        class_num: int = 1000,
+        attn_dropout: float = 0.1,
+        proj_dropout: float = 0.1,
+        buffer_size: int = 64,
+        diffloss_d: int = 3,
+        diffloss_w: int = 1024,
+        num_sampling_steps: str = "100",
+        diffusion_batch_mul: int = 4,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if img_size % (vae_stride * patch_size):
+            raise ValueError(f"img_size {img_size} must be a multiple of vae_stride * patch_size "
+                             f"= {vae_stride * patch_size}")
+        if not 0.0 < mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
+        num_sampling_steps = str(num_sampling_steps)
+        self.config = dict(
+            img_size=img_size, vae_stride=vae_stride, patch_size=patch_size, encoder_embed_dim=encoder_embed_dim,
+            encoder_depth=encoder_depth, encoder_num_heads=encoder_num_heads, decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+            vae_embed_dim=vae_embed_dim, mask_ratio_min=mask_ratio_min, label_drop_prob=label_drop_prob,
+            class_num=class_num, attn_dropout=attn_dropout, proj_dropout=proj_dropout, buffer_size=buffer_size,
+            diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
+            diffusion_batch_mul=diffusion_batch_mul, grad_checkpointing=grad_checkpointing,
+        )
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+
+        # VAE latent and tokens
+        self.vae_embed_dim = vae_embed_dim
+        self.img_size = img_size
+        self.vae_stride = vae_stride
+        self.patch_size = patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.grad_checkpointing = grad_checkpointing
+
+        # Class embedding; fake_latent is the null class of classifier-free guidance.
+        self.num_classes = class_num
+        self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
+        self.label_drop_prob = label_drop_prob
+        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
+
+        # Masking ratio of training: a left-truncated Gaussian centred at 1 with std 0.25 (paper section 3.4).
+        self.mask_ratio_min = mask_ratio_min
+        self.mask_ratio_generator = stats.truncnorm((mask_ratio_min - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
+
+        # Encoder
+        self.z_proj = nn.Linear(self.token_embed_dim, encoder_embed_dim, bias=True)
+        self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
+        self.buffer_size = buffer_size
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
+        self.encoder_blocks = nn.ModuleList([
+            Block(encoder_embed_dim, encoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  proj_drop=proj_dropout, attn_drop=attn_dropout) for _ in range(encoder_depth)])
+        self.encoder_norm = norm_layer(encoder_embed_dim)
+
+        # Decoder
+        self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  proj_drop=proj_dropout, attn_drop=attn_dropout) for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
+
+        self.initialize_weights()
+
+        # Diffusion loss (initialised by its own rules)
+        self.diffloss = DiffLoss(
+            target_channels=self.token_embed_dim,
+            z_channels=decoder_embed_dim,
+            width=diffloss_w,
+            depth=diffloss_d,
+            num_sampling_steps=num_sampling_steps,
+            grad_checkpointing=grad_checkpointing,
+        )
+        self.diffusion_batch_mul = diffusion_batch_mul
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: N(0, 0.02) embeddings and tokens, Xavier linears, unit LayerNorms."""
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+
+        def _init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # as the official JAX ViT
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm):
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+                if m.weight is not None:
+                    nn.init.constant_(m.weight, 1.0)
+        self.apply(_init)
+
+    # ----------------------------------------------------------------- tokens
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c, h, w) latents -> (B, L, c p p) tokens, row-major over the (h / p, w / p) grid."""
+        bsz, c, h, w = x.shape
+        p = self.patch_size
+        h_, w_ = h // p, w // p
+        x = x.reshape(bsz, c, h_, p, w_, p)
+        x = torch.einsum("nchpwq->nhwcpq", x)
+        return x.reshape(bsz, h_ * w_, c * p ** 2)  # (B, L, C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) tokens -> (B, c, h, w) latents; the inverse of `patchify`."""
+        bsz, p, c = x.shape[0], self.patch_size, self.vae_embed_dim
+        x = x.reshape(bsz, self.seq_h, self.seq_w, c, p, p)
+        x = torch.einsum("nhwcpq->nchpwq", x)
+        return x.reshape(bsz, c, self.seq_h * p, self.seq_w * p)  # (B, c, h, w)
+
+    # ----------------------------------------------------------------- randomness
+
+    def sample_orders(self, bsz: int, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """(B, L) int64: a random permutation of the token positions per image.
+
+        Without generators, numpy's global generator shuffles each row (the official draws); with
+        one generator per image, row b is `torch.randperm` of generators[b].
+        """
+        device = self.fake_latent.device
+        if generators is None:
+            orders = []
+            for _ in range(bsz):
+                order = np.arange(self.seq_len)
+                np.random.shuffle(order)
+                orders.append(order)
+            return torch.from_numpy(np.array(orders)).long().to(device)
+        _check_generators(generators, bsz)
+        return torch.stack([torch.randperm(self.seq_len, generator=g, device=g.device) for g in generators]).to(device)
+
+    def random_masking(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+        """(B, L) float mask, 1 at the first ceil(L r) positions of each order, r ~ the masking ratio."""
+        bsz, seq_len, _ = x.shape
+        mask_rate = self.mask_ratio_generator.rvs(1)[0]
+        num_masked_tokens = int(np.ceil(seq_len * mask_rate))
+        return mask_by_order(num_masked_tokens, orders).to(x.dtype)
+
+    # ----------------------------------------------------------------- encoder and decoder
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """Encodes the visible tokens.
+
+        Args:
+            x: (B, L, C) tokens.
+            mask: (B, L), 1 at masked tokens; every row must mask the same number of tokens.
+            class_embedding: (B, D_enc), written into every buffer slot.
+        Returns:
+            (B, buffer_size + L - #masked, D_enc): the buffer and the visible tokens, in position order.
+        """
+        x = self.z_proj(x)  # (B, L, D)
+        bsz, _, embed_dim = x.shape
+        visible = _visible_with_buffer(mask, self.buffer_size)  # (B, S)
+
+        if self.training:  # label drop for classifier-free guidance
+            drop = (torch.rand(bsz) < self.label_drop_prob).unsqueeze(-1).to(device=x.device, dtype=x.dtype)
+            class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
+        buffer = class_embedding.unsqueeze(1).expand(bsz, self.buffer_size, embed_dim).to(x.dtype)
+        x = torch.cat([buffer, x], dim=1)  # (B, S, D), S = buffer_size + L
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+
+        x = x[visible].reshape(bsz, -1, embed_dim)  # (B, S_vis, D)
+        x = self._run_blocks(self.encoder_blocks, x)
+        return self.encoder_norm(x)
+
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decodes the encoder's output into a condition z per token.
+
+        Args:
+            x: (B, S_vis, D_enc) output of `forward_mae_encoder` for the same mask.
+            mask: (B, L), 1 at masked tokens.
+        Returns:
+            (B, L, D_dec) z.
+        """
+        x = self.decoder_embed(x)  # (B, S_vis, D)
+        bsz, _, embed_dim = x.shape
+        visible = _visible_with_buffer(mask, self.buffer_size)  # (B, S)
+        canvas = self.mask_token.to(x.dtype).expand(bsz, visible.shape[1], embed_dim).clone()  # (B, S, D)
+        canvas[visible] = x.reshape(-1, embed_dim)
+        x = self._run_blocks(self.decoder_blocks, canvas + self.decoder_pos_embed_learned)
+        x = self.decoder_norm(x)
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, D)
+
+    # ----------------------------------------------------------------- training
+
+    def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss on the masked tokens, each repeated diffusion_batch_mul times.
+
+        Args:
+            z: (B, L, D_dec) conditions; target: (B, L, C) clean tokens; mask: (B, L).
+            t, noise: (M,) timesteps and (M, C) noise of the M = diffusion_batch_mul * B * L rows
+                (rows are the (b, l) tokens, repeated as a whole); drawn when None.
+        """
+        bsz, seq_len, _ = target.shape
+        target = target.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)  # (M, C)
+        z = z.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)  # (M, D_dec)
+        mask = mask.reshape(bsz * seq_len).repeat(self.diffusion_batch_mul)  # (M,)
+        return self.diffloss(target=target, z=z, mask=mask, t=t, noise=noise)
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, diffusion_t: torch.Tensor | None = None,
+                diffusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of a batch.
+
+        Args:
+            imgs: (B, c, h, w) VAE latents.
+            labels: (B,) class labels.
+            orders: (B, L) token orders; drawn when None (unused when mask is given).
+            mask: (B, L), 1 at the masked tokens; drawn with `random_masking` when None.
+            diffusion_t, diffusion_noise: the diffusion loss's draws (see `forward_loss`).
+        Returns:
+            the scalar loss.
+        """
+        class_embedding = self.class_emb(labels)  # (B, D_enc)
+        x = self.patchify(imgs)  # (B, L, C)
+        gt_latents = x.clone().detach()
+        if mask is None:
+            if orders is None:
+                orders = self.sample_orders(bsz=x.shape[0])
+            mask = self.random_masking(x, orders)
+        x = self.forward_mae_encoder(x, mask, class_embedding)
+        z = self.forward_mae_decoder(x, mask)  # (B, L, D_dec)
+        return self.forward_loss(z=z, target=gt_latents, mask=mask, t=diffusion_t, noise=diffusion_noise)
+
+    # ----------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                      labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
+                      orders: torch.Tensor | None = None,
+                      generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Generates latents by unmasking tokens in a random order (paper section 3.3, MaskGIT schedule).
+
+        At iteration k the tokens still masked are encoded and decoded, and those that leave the
+        mask, floor(L cos(pi / 2 (k + 1) / num_iter)) tokens staying masked (at least 1 and fewer
+        than now), are sampled from the diffusion head; the last iteration samples every token left.
+
+        Args:
+            bsz: number of images B.
+            num_iter: autoregressive iterations.
+            cfg: classifier-free guidance scale (1 disables guidance).
+            cfg_schedule: "linear" (Muse: 1 + (cfg - 1) (L - mask_len) / L) or "constant".
+            labels: (B,) classes; None samples unconditionally (the null class).
+            temperature: scales the diffusion sampler's noise.
+            progress: show a progress bar.
+            orders: (B, L) generation orders; drawn when None.
+            generators: one torch.Generator per image, the source of its order and of all its
+                noises; None uses the global generators as the official code does.
+        Returns:
+            (B, c, h, w) latents.
+        """
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose 'linear' or 'constant'")
+        if num_iter < 1:
+            raise ValueError(f"num_iter must be at least 1, got {num_iter}")
+        device = self.fake_latent.device
+        if generators is not None:
+            _check_generators(generators, bsz)
+        if orders is None:
+            orders = self.sample_orders(bsz, generators)
+        elif tuple(orders.shape) != (bsz, self.seq_len):
+            raise ValueError(f"orders must have shape {(bsz, self.seq_len)}, got {tuple(orders.shape)}")
+        orders = orders.to(device)
+        if labels is not None and tuple(labels.shape) != (bsz,):
+            raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
+        guided = cfg != 1.0
+
+        mask = torch.ones(bsz, self.seq_len, device=device)  # (B, L), 1 = still to generate
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)  # (B, L, C)
+        class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+        if guided:
+            class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)], dim=0)  # (2B, D)
+
+        steps = range(num_iter)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="MAR", leave=False)
+        for step in steps:
+            tokens_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+            z = self.forward_mae_decoder(self.forward_mae_encoder(tokens_in, mask_in, class_embedding), mask_in)
+
+            # Tokens that stay masked after this iteration (MaskGIT's cosine schedule, as in the official code).
+            num_masked = int(mask[0].sum().item())
+            mask_len = int(np.floor(self.seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
+            mask_len = max(1, min(num_masked - 1, mask_len))
+            mask_next = mask_by_order(mask_len, orders)  # (B, L) bool
+            if step >= num_iter - 1:
+                mask_to_pred = mask.bool()
+            else:
+                mask_to_pred = torch.logical_xor(mask.bool(), mask_next)
+            mask = mask_next.float()
+
+            rows = mask_to_pred.nonzero(as_tuple=True)  # (b, l) of the tokens to sample, row-major
+            z = z[torch.cat([mask_to_pred, mask_to_pred]) if guided else mask_to_pred]  # (n or 2n, D_dec)
+            cfg_iter = self._cfg_at(cfg, cfg_schedule, mask_len)
+            row_generators = None
+            if generators is not None:
+                row_generators = [generators[b] for b in rows[0].tolist()]
+                row_generators = row_generators * 2 if guided else row_generators
+            sampled = self.diffloss.sample(z, temperature, cfg_iter, generator=row_generators)
+            if guided:
+                sampled = sampled[: len(sampled) // 2]  # drop the null-class samples
+            tokens = tokens.clone()
+            tokens[rows] = sampled.to(tokens.dtype)
+        return self.unpatchify(tokens)
+
+    def _cfg_at(self, cfg: float, cfg_schedule: str, mask_len: int) -> float:
+        """The guidance scale of an iteration; float32 arithmetic as the official tensors."""
+        if cfg_schedule == "constant":
+            return cfg
+        remaining = self.seq_len - torch.tensor([float(mask_len)], dtype=torch.float32)
+        return (1 + (cfg - 1) * remaining / self.seq_len).item()
+
+
+def _visible_with_buffer(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
+    """(B, buffer_size + L) bool, True at the buffer and the visible tokens; checks equal counts per row."""
+    visible = torch.cat([torch.ones(mask.shape[0], buffer_size, dtype=torch.bool, device=mask.device),
+                         mask == 0], dim=1)
+    counts = visible.sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError("every row of the mask must mask the same number of tokens")
+    return visible
+
+
+def _check_generators(generators: Sequence[torch.Generator], bsz: int) -> None:
+    if len(generators) != bsz:
+        raise ValueError(f"got {len(generators)} generators for {bsz} images; pass one per image")
+
+
+#################################################################################
+#                                   MAR Configs                                 #
+#################################################################################
+# The official presets (mar_base / mar_large / mar_huge) with the DiffLoss MLP of the released
+# checkpoints (official README: 6 x 1024, 8 x 1280, 12 x 1536), buffer 64 and LayerNorm eps 1e-6.
+
+def _factory(width: int, depth: int, num_heads: int, diffloss_d: int, diffloss_w: int) -> Callable[..., MAR]:
+    fixed = dict(
+        encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=num_heads,
+        decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=num_heads,
+        mlp_ratio=4.0, norm_eps=1e-6, buffer_size=64, diffloss_d=diffloss_d, diffloss_w=diffloss_w,
+    )
+
+    def make(**kwargs) -> MAR:
+        clash = sorted(set(kwargs) & set(fixed))
+        if clash:
+            raise ValueError(f"the model name fixes {', '.join(clash)}; build MAR(...) directly to change them")
+        return MAR(**fixed, **kwargs)
+    make.fixed = fixed  # what the name determines; checkpoints are checked against it
+    return make
+
+
+MAR_models = {
+    "MAR-B": _factory(768, 12, 12, diffloss_d=6, diffloss_w=1024),
+    "MAR-L": _factory(1024, 16, 16, diffloss_d=8, diffloss_w=1280),
+    "MAR-H": _factory(1280, 20, 16, diffloss_d=12, diffloss_w=1536),
+}
+
+# Guidance scales of the official evaluations (README: linear schedule, temperature 1.0, 256 iterations).
+MAR_CFG_SCALES = {"MAR-B": 2.9, "MAR-L": 3.0, "MAR-H": 3.2}

@@ -1,0 +1,25 @@
+"""The process layer: noise processes behind one protocol (`processes.base.NoiseProcess`).
+
+Only this layer (and the `diffusion` package of the official DiT API it wraps) knows a process's
+internals. Everything else builds a process from the record a checkpoint stores, with
+`create_process`, and talks to it through the protocol.
+"""
+
+from . import gaussian  # noqa: F401  (registers "gaussian")
+from .base import (
+    Cond,
+    Draws,
+    NoiseProcess,
+    Prediction,
+    TimeDomain,
+    all_samplers,
+    create_process,
+    process_names,
+    register_process,
+)
+from .gaussian import GaussianProcess
+
+__all__ = [
+    "Cond", "Draws", "GaussianProcess", "NoiseProcess", "Prediction", "TimeDomain", "all_samplers",
+    "create_process", "process_names", "register_process",
+]

@@ -1,0 +1,158 @@
+"""The noise-process protocol: the one object through which training, distillation, scoring and
+sampling reach a diffusion-type process.
+
+A process says how a clean example becomes a training example (its random draws and the noisy
+input), what the model is trained to predict and with which loss, what distillation compares, and
+which samplers it offers. The rest of the toolkit never names a process's internals: the Gaussian
+diffusion of DiT (`processes.gaussian`) is one implementation; a flow-matching transport or a
+masked-token process is another, registered with `register_process`.
+
+Every random draw a process needs for a training step is returned by `draw` as a dict of tensors
+whose first dimension is the batch, so the training loop draws the whole global batch from one
+seeded generator and hands each process its slice (runs are the same for any process count).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+Draws = dict[str, torch.Tensor]
+# Conditioning keyword arguments of a model call: y (labels), force_drop_ids, gate_uniform, ...
+Cond = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeDomain:
+    """Where a process's time lives: `steps` integer steps 0..steps-1, or the interval [start, end]."""
+
+    kind: str  # "discrete" or "continuous"
+    steps: int | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+    def describe(self) -> str:
+        return f"{self.steps} discrete steps" if self.kind == "discrete" else f"t in [{self.start:g}, {self.end:g}]"
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One model call on a training example: the model's output and the input it saw.
+
+    Attributes:
+        output: the model's raw output, e.g. (N, C_out, H, W).
+        x_t: the noisy input the model was given.
+        t: the time the model was given.
+    """
+
+    output: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+
+
+class NoiseProcess(abc.ABC):
+    """A diffusion-type process. Subclasses implement the abstract methods and set `name`.
+
+    Attributes:
+        name: the registry name recorded in checkpoints ("gaussian", ...).
+        samplers: the sampler names it offers, the first being the default.
+        default_steps: the default number of sampling steps of each sampler.
+    """
+
+    name: str = ""
+    samplers: tuple[str, ...] = ()
+    default_steps: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ description
+
+    @abc.abstractmethod
+    def record(self) -> dict:
+        """Everything that rebuilds this process, as JSON values: {"name": ..., settings...}."""
+
+    @abc.abstractmethod
+    def time_domain(self) -> TimeDomain:
+        """The process's time domain."""
+
+    # ------------------------------------------------------------------ training
+
+    @abc.abstractmethod
+    def draw(self, generator: torch.Generator, batch_size: int, shape: Sequence[int], device: torch.device) -> Draws:
+        """The random draws of a batch of training examples ((B, ...) tensors: time, noise, ...)."""
+
+    @abc.abstractmethod
+    def model_input(self, x: torch.Tensor, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training example the model sees, (x_t, t): the noisy input and its time."""
+
+    def predict(self, model: nn.Module, x: torch.Tensor, draws: Draws, cond: Cond) -> Prediction:
+        """The model called on the training example (x, draws) with conditioning `cond`."""
+        x_t, t = self.model_input(x, draws)
+        return Prediction(output=model(x_t, t, **cond), x_t=x_t, t=t)
+
+    @abc.abstractmethod
+    def losses(self, prediction: Prediction, x: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:
+        """Per-sample (N,) training loss terms of a prediction: "loss" and the terms it sums."""
+
+    def training_losses(self, model: nn.Module, x: torch.Tensor, draws: Draws, cond: Cond) -> dict[str, torch.Tensor]:
+        """Per-sample training losses of `model` on the clean batch x with the given draws."""
+        return self.losses(self.predict(model, x, draws, cond), x, draws)
+
+    @abc.abstractmethod
+    def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
+        """Per-sample (N,) distance between a student's and a teacher's predictions of one example."""
+
+    # ------------------------------------------------------------------ sampling
+
+    def check_sampler(self, sampler: str, num_steps: int) -> None:
+        """Raises ValueError naming the fix when `sampler` or `num_steps` does not fit this process."""
+        if sampler not in self.samplers:
+            raise ValueError(f"--sampler {sampler!r} is not a sampler of the {self.name} process; choose one of "
+                             f"{', '.join(self.samplers)}")
+        if num_steps < 1:
+            raise ValueError(f"--num-sampling-steps must be at least 1, got {num_steps}")
+
+    @abc.abstractmethod
+    def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
+               generators: Sequence[torch.Generator], progress: bool = False) -> torch.Tensor:
+        """Samples from noise with `denoise(x, t, **cond)`; image i draws step noise from generators[i]."""
+
+
+#################################################################################
+#                                     Registry                                  #
+#################################################################################
+
+_PROCESSES: dict[str, Callable[..., NoiseProcess]] = {}
+
+
+def register_process(name: str, factory: Callable[..., NoiseProcess]) -> None:
+    """Makes `create_process({"name": name, **settings})` call `factory(**settings)`."""
+    _PROCESSES[name] = factory
+
+
+def process_names() -> list[str]:
+    return list(_PROCESSES)
+
+
+def create_process(record: dict) -> NoiseProcess:
+    """Rebuilds a process from its record (what `NoiseProcess.record` returned and checkpoints store)."""
+    settings = dict(record)
+    name = settings.pop("name", None)
+    if name not in _PROCESSES:
+        raise ValueError(f"unknown noise process {name!r}; known: {', '.join(_PROCESSES)}")
+    try:
+        return _PROCESSES[name](**settings)
+    except TypeError as e:
+        raise ValueError(f"the settings {settings} do not fit the {name} process: {e}") from None
+
+
+def all_samplers() -> list[str]:
+    """Every sampler name of every registered process (the choices of --sampler)."""
+    names: list[str] = []
+    for factory in _PROCESSES.values():
+        for sampler in getattr(factory, "samplers", ()):
+            if sampler not in names:
+                names.append(sampler)
+    return names

@@ -1,0 +1,141 @@
+"""The Gaussian diffusion of DiT (ADM / IDDPM) as a noise process.
+
+Training draws an integer timestep uniformly below the step count and the noise; the loss is the
+hybrid loss (noise MSE plus the VB term for a learned variance). Distillation compares the noise
+predictions (MSE) and, with learned variances, the Gaussians p(x_{t-1} | x_t) of student and teacher.
+Samplers: ancestral DDPM and DDIM (eta 0) on the respaced schedule, and diffusers' DPM-Solver++ 2M.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion
+from diffusion.losses import mean_flat, normal_kl
+
+from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
+
+
+class GaussianProcess(NoiseProcess):
+    """DiT's diffusion: `create_diffusion("", ...)` for training, respaced copies for sampling.
+
+    Args:
+        noise_schedule: "linear" (DiT) or "cosine" (IDDPM, MAR's DiffLoss).
+        diffusion_steps: steps of the process (DiT: 1000).
+        learn_sigma: the model also outputs the variance interpolation (DiT: True).
+        predict_xstart, sigma_small, use_kl, rescale_learned_sigmas: as `diffusion.create_diffusion`.
+    """
+
+    name = "gaussian"
+    samplers = ("ddpm", "ddim", "dpm++")
+    default_steps = {"ddpm": 250, "ddim": 250, "dpm++": 20}
+
+    def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
+                 predict_xstart: bool = False, sigma_small: bool = False, use_kl: bool = False,
+                 rescale_learned_sigmas: bool = False):
+        if noise_schedule not in ("linear", "cosine"):
+            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {noise_schedule!r}")
+        if diffusion_steps < 1:
+            raise ValueError(f"diffusion_steps must be at least 1, got {diffusion_steps}")
+        self.settings = dict(noise_schedule=noise_schedule, diffusion_steps=int(diffusion_steps),
+                             learn_sigma=bool(learn_sigma), predict_xstart=bool(predict_xstart),
+                             sigma_small=bool(sigma_small), use_kl=bool(use_kl),
+                             rescale_learned_sigmas=bool(rescale_learned_sigmas))
+        self.diffusion = self._diffusion("")
+
+    def _diffusion(self, respacing: str):
+        return create_diffusion(respacing, **self.settings)
+
+    def record(self) -> dict:
+        return {"name": self.name, **self.settings}
+
+    def time_domain(self) -> TimeDomain:
+        return TimeDomain("discrete", steps=self.settings["diffusion_steps"])
+
+    # ------------------------------------------------------------------ training
+
+    def draw(self, generator: torch.Generator, batch_size: int, shape: Sequence[int], device: torch.device) -> Draws:
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator, device=device)
+        noise = torch.randn((batch_size, *shape), generator=generator, device=device)
+        return {"t": t, "noise": noise}
+
+    def model_input(self, x: torch.Tensor, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.diffusion.q_sample(x, draws["t"], noise=draws["noise"]), draws["t"]
+
+    def losses(self, prediction: Prediction, x: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:
+        d = self.diffusion
+        if d.loss_type.is_vb():
+            out = prediction.output
+            loss = d._vb_terms_bpd(lambda *a, r=out: r, x, prediction.x_t, prediction.t, clip_denoised=False)["output"]
+            return {"loss": loss * d.num_timesteps if self.settings["use_kl"] else loss}
+        return d.losses_from_output(prediction.output, x, prediction.x_t, prediction.t, draws["noise"])
+
+    def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
+        """MSE between the predicted noise; with learned variances plus KL(teacher || student) of their
+        Gaussians p(x_{t-1} | x_t) in bits, where (as in the hybrid loss) the KL term trains only the
+        student's variance output: the mean is matched by the MSE."""
+        x_t, t = student.x_t, student.t
+        channels = x_t.shape[1]
+        teacher_out = teacher.output.detach().float()
+        student_out = student.output.float()
+        loss = mean_flat((student_out[:, :channels] - teacher_out[:, :channels]) ** 2)
+        if student_out.shape[1] == 2 * channels:
+            frozen = torch.cat([student_out[:, :channels].detach(), student_out[:, channels:]], dim=1)
+            p_student = self.diffusion.p_mean_variance(lambda *a, r=frozen: r, x_t, t, clip_denoised=False)
+            p_teacher = self.diffusion.p_mean_variance(lambda *a, r=teacher_out: r, x_t, t, clip_denoised=False)
+            kl = normal_kl(p_teacher["mean"], p_teacher["log_variance"], p_student["mean"], p_student["log_variance"])
+            loss = loss + mean_flat(kl) / math.log(2.0)
+        return loss
+
+    # ------------------------------------------------------------------ sampling
+
+    def check_sampler(self, sampler: str, num_steps: int) -> None:
+        super().check_sampler(sampler, num_steps)
+        steps = self.settings["diffusion_steps"]
+        if num_steps > steps:
+            raise ValueError(f"--num-sampling-steps must be between 1 and {steps} (the training steps it is "
+                             f"respaced from), got {num_steps}")
+
+    def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
+               generators: Sequence[torch.Generator], progress: bool = False) -> torch.Tensor:
+        self.check_sampler(sampler, num_steps)
+        if sampler == "dpm++":
+            return self._dpm_solver(denoise, noise, cond, num_steps, progress)
+        diffusion = self._diffusion(str(num_steps))
+        loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+        # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
+        return loop(denoise, tuple(noise.shape), noise=noise, clip_denoised=False, model_kwargs=cond,
+                    device=noise.device, progress=progress, generator=list(generators))
+
+    def _dpm_solver(self, denoise: Callable, noise: torch.Tensor, cond: Cond, num_steps: int,
+                    progress: bool) -> torch.Tensor:
+        """DPM-Solver++ (2M, Lu et al. 2022) from diffusers on this schedule; deterministic given x_T."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        if self.settings["predict_xstart"]:
+            raise ValueError("--sampler dpm++ is implemented for noise-predicting models; use ddpm or ddim")
+        steps = self.settings["diffusion_steps"]
+        if self.settings["noise_schedule"] == "linear":
+            # DiT's linear schedule (scaled as ADM scales it for other step counts), epsilon prediction.
+            scale = 1000 / steps
+            schedule = dict(beta_start=scale * 0.0001, beta_end=scale * 0.02, beta_schedule="linear")
+        else:
+            schedule = dict(trained_betas=self.diffusion.betas.tolist())
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=steps, algorithm_type="dpmsolver++",
+                                                prediction_type="epsilon", **schedule)
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        x = noise * scheduler.init_noise_sigma
+        channels = noise.shape[1]
+        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+            timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+            # With a learned variance the model outputs 2C channels; the solver needs the noise (the first C).
+            eps = denoise(x, timesteps, **cond)[:, :channels]
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+
+register_process(GaussianProcess.name, GaussianProcess)

@@ -1,0 +1,78 @@
+"""Shared test helpers: tiny models, feature folders, and running the scripts as users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models import DiT  # noqa: E402
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+
+
+def tiny_dit(seed: int = 0, randomize: bool = True, **overrides) -> DiT:
+    """A tiny DiT; with `randomize`, the zero-initialised adaLN and output layers get random values
+    so that every path of the forward pass matters."""
+    torch.manual_seed(seed)
+    model = DiT(**{**TINY, **overrides})
+    if randomize:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "adaLN_modulation" in name or "final_layer.linear" in name:
+                    p.normal_(0, 0.05)
+    return model
+
+
+def run_cli(args: list[str], cwd: Path | None = None, nproc: int = 1, timeout: float = 600,
+            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs a script of the repository as users do: python, or torchrun with `nproc` processes."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def interrupt_with_sigterm(args: list[str], metrics: Path, after_lines: int, timeout: float = 300) -> str:
+    """Starts a script, sends it SIGTERM once its metrics.jsonl has `after_lines` lines, and returns its
+    output; asserts that it saved and exited with 143 (preempted)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines) and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 143, output
+    assert "stopped by SIGTERM" in output
+    return output
+
+
+def write_features(root: Path, latents, labels, num_classes: int) -> Path:
+    """A feature folder in the sharded layout from (N, copies, C, H, W) latents and (N,) labels."""
+    from tinyfusion.features import write_index, write_shard
+
+    write_shard(root, 0, latents, labels)
+    write_index(root, 1, num_classes=num_classes, class_names=[str(i) for i in range(num_classes)], source={})
+    return root
+
+

@@ -1,0 +1,155 @@
+"""Typed options of the library's entry points: what each script's flags mean, as dataclasses.
+
+Only the scripts (through `tinyfusion.args`) know argparse; the library takes these. A field's name
+is its flag's (`--global-batch-size` -> `global_batch_size`), and its default is the flag's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class RuntimeOptions:
+    """Where and how a process runs: device ("auto", "cuda", "cpu"), autocast precision, TF32."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    tf32: bool = True
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How a model is named and read: registry name, which weights, head count of a plain state dict."""
+
+    model: str | None = None
+    weights: str = "ema"
+    num_heads: int | None = None
+
+
+@dataclasses.dataclass
+class TrainingOptions(RuntimeOptions, ModelOptions):
+    """The flags of the one training loop (tinyfusion.engine), shared by the three training scripts."""
+
+    load_weight: str | None = None
+    data_path: str = ""
+    num_classes: int | None = None
+    num_workers: int = 4
+    results_dir: str = "results"
+    prefix: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 2
+    tensorboard: bool = False
+    max_nonfinite_steps: int = 5
+    global_batch_size: int = 256
+    micro_batch_size: int | None = None
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    global_seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainOptions(TrainingOptions):
+    """train.py."""
+
+    grad_checkpointing: bool = False
+    save_model: str | None = None
+
+
+@dataclasses.dataclass
+class MaskedKDOptions(TrainOptions):
+    """train_masked_kd.py."""
+
+    teacher: str | None = None
+    load_teacher: str = ""
+    teacher_weights: str = "ema"
+    alpha_kd: float = 0.9
+    beta_feat: float = 1e-2
+    mask_k: float = 2.0
+    layer_map: str | None = None
+
+
+@dataclasses.dataclass
+class LearnedPruningOptions(TrainingOptions):
+    """prune_by_learning.py."""
+
+    groups: list[str] | None = None
+    tau_range: tuple[float, float] = (4.0, 0.1)
+    scaling_range: tuple[float, float] = (1e2, 1e2)
+    gate_lr_mult: float = 10.0
+    delta_w: bool = False
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    save_model: str = ""
+
+
+@dataclasses.dataclass
+class ScorePruningOptions(RuntimeOptions, ModelOptions):
+    """prune_by_score.py."""
+
+    ckpt: str = ""
+    global_seed: int = 0
+    criterion: str = "bi"
+    data_path: str | None = None
+    num_batches: int = 16
+    batch_size: int = 32
+    n_pruned: int | None = None
+    target_depth: int | None = None
+    protect_first: int = 0
+    protect_last: int = 0
+    save_model: str = ""
+    save_scores: str | None = None
+
+
+@dataclasses.dataclass
+class IndexPruningOptions(ModelOptions):
+    """prune_by_index.py: kept or pruned flat block indices (or per stack), or a preset."""
+
+    ckpt: str = ""
+    kept_indices: list[str] | None = None
+    pruned_indices: list[str] | None = None
+    preset: str | None = None
+    target_depth: int | None = None
+    save_model: str = ""
+
+
+@dataclasses.dataclass
+class SamplingOptions(RuntimeOptions, ModelOptions):
+    """The flags shared by sample.py and sample_ddp.py."""
+
+    ckpt: str = ""
+    cfg_scale: float = 4.0
+    guide_all_channels: bool = False
+    num_sampling_steps: int | None = None
+    sampler: str | None = None
+    vae: str = "auto"
+
+
+@dataclasses.dataclass
+class SampleGridOptions(SamplingOptions):
+    """sample.py."""
+
+    seed: int = 0
+    class_labels: list[int] | None = None
+    out: str | None = None
+
+
+@dataclasses.dataclass
+class SampleSetOptions(SamplingOptions):
+    """sample_ddp.py."""
+
+    global_seed: int = 0
+    num_fid_samples: int = 50_000
+    per_proc_batch_size: int = 32
+    sample_dir: str = "outputs/samples"
+    npz: str | None = None
+    save_png: bool = False
