@@ -33,7 +33,9 @@ def test_learned_pruning_finds_the_planted_answer_and_discards_the_updates(plant
     decision = json.loads((run_dir / "decisions.json").read_text())
     assert decision["kept_indices"] == planted["essential"]
     assert min(decision["confidence"]) > 0.9
-    assert (run_dir / "decisions.png").stat().st_size > 0
+    from PIL import Image
+
+    assert Image.open(run_dir / "decisions.png").size == (960, 720)  # the 8 x 6 inch figure at 120 dpi
     history = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [4, 8, 12, 16, 20, 24]
 

@@ -17,7 +17,7 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     result = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
     assert len(rows) == 3 + len(METHODS) + 1  # floor, teacher, ceiling, each method + KD, learned + fine-tuning
-    assert rows["real digits (other half)"]["fid_after"] >= 0
+    assert 0 < rows["real digits (other half)"]["fid_after"] < rows["teacher"]["fid_after"]  # the floor
     for name, row in rows.items():
         if name.startswith("real"):
             continue
@@ -105,5 +105,5 @@ def test_benchmarked_calls_take_turns():
     results = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert [len(times) for times, _ in results] == [3, 3]
-    assert all(t >= 0 for times, _ in results for t in times)
+    assert all(0 < t < 1 for times, _ in results for t in times)  # each a measured duration of a trivial call
     assert all(memory["peak_mib"] > 0 for _, memory in results)
