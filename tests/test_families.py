@@ -3,7 +3,7 @@ stacks, its own noise process) taken through the library with no change to any s
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import logging
 from pathlib import Path
 
@@ -232,14 +232,16 @@ def test_a_new_family_runs_through_the_library(toy_family, tmp_path):
 #                          The model contract, per family                       #
 #################################################################################
 
-class ModelContract:
+class ModelContract(abc.ABC):
     """What every registered family must do; a family's test class says how to build a tiny one."""
 
+    @abc.abstractmethod
     def tiny(self, seed: int = 0) -> nn.Module:
-        raise NotImplementedError
+        """A tiny model of the family, with random (non-zero) weights."""
 
+    @abc.abstractmethod
     def inputs(self, model: nn.Module):
-        raise NotImplementedError
+        """(x, t, y) inputs that fit `model`."""
 
     def test_output_shape(self):
         model = self.tiny().eval()
@@ -312,8 +314,7 @@ def test_bare_state_dicts_never_guess_between_families(toy_family, tmp_path):
     class Twin(type(tiny_dit())):
         arch = "Twin"
 
-    with contextlib.ExitStack():
-        register_family(Twin, {})
-        torch.save(tiny_dit().state_dict(), tmp_path / "bare.pt")
-        with pytest.raises(ValueError, match="fits several families .*--model"):
-            load_model(tmp_path / "bare.pt", num_heads=2)
+    register_family(Twin, {})  # the toy_family fixture restores the registry afterwards
+    torch.save(tiny_dit().state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="fits several families .*--model"):
+        load_model(tmp_path / "bare.pt", num_heads=2)
