@@ -19,8 +19,10 @@ tinyfusion.evaluation.save_feature_extractor), for images where Inception featur
 
 import argparse
 
-from tinyfusion.args import Parser
+from tinyfusion.args import Parser, positive_int
+from tinyfusion.cli import run_script
 from tinyfusion.evaluation import evaluate_many, format_results, load_extractor, resolve_device, write_results
+from tinyfusion.paths import check_outputs
 
 
 def parse_args(argv=None):
@@ -42,7 +44,7 @@ def parse_args(argv=None):
                         help="sqrtm: scipy.linalg.sqrtm of the covariance product, as ADM; eigvals: the same trace "
                              "from its eigenvalues, several times faster (scipy >= 1.16's sqrtm takes 20-40 s per "
                              "2048-dim matrix on one core)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto uses CUDA when a GPU is visible")
     parser.add_argument("--out", type=str, default=None, metavar="PATH", help="also write the results as JSON")
@@ -50,6 +52,9 @@ def parse_args(argv=None):
 
 
 def main(args):
+    inputs = {"ref_batch": args.ref_batch, **{f"sample batch {i + 1}": p for i, p in enumerate(args.sample_batches)},
+              "--inception-weights": args.inception_weights, "--feature-extractor": args.feature_extractor}
+    check_outputs({"--out": args.out}, inputs)
     device = resolve_device(args.device)
     extractor = load_extractor(args.feature_extractor, args.inception_weights, download=args.download)
     results = evaluate_many(args.ref_batch, args.sample_batches, extractor, batch_size=args.batch_size,
@@ -62,4 +67,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

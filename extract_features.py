@@ -14,10 +14,13 @@ skipping the shards already written; the result is the same for any number of pr
 import argparse
 
 from models import plain_names
-from tinyfusion.args import Parser, add_runtime_args
-from tinyfusion.extraction import check_model_inputs, extract_features
+from tinyfusion.args import Parser, add_runtime_args, nonnegative_int, positive_int
+from tinyfusion.cli import run_script
+from tinyfusion.distributed import default_num_workers
+from tinyfusion.extraction import check_model_inputs, encode_image_folder
 from tinyfusion.images import list_image_folder
 from tinyfusion.options import RuntimeOptions
+from tinyfusion.paths import check_outputs
 from tinyfusion.runtime import bootstrap
 from tinyfusion.vae import load_codec
 
@@ -37,9 +40,11 @@ def parse_args(argv=None):
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="also store each image's horizontal mirror; turn off for data whose mirror "
                              "changes its class, such as digits")
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call, per process")
-    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard file")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call, per process")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=default_num_workers(),
+                        help="image-decoding workers per process (default: this machine's cores per process, less "
+                             "one, at most 8)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable images (listed in skipped.json) instead of stopping")
     add_runtime_args(parser, precision_default="fp32")
@@ -47,6 +52,8 @@ def parse_args(argv=None):
 
 
 def main(args):
+    check_outputs({}, {"--data-path": args.data_path, "--vae": args.vae},
+                  folders={"--features-path": args.features_path})
     # A long timeout: ranks wait at the last barrier for the slowest, and a resumed run can leave
     # them uneven work. A rank that dies still stops the others (torchrun ends the group).
     with bootstrap(RuntimeOptions(args.device, args.precision, args.tf32), timeout_minutes=24 * 60) as rt:
@@ -54,11 +61,11 @@ def main(args):
         if args.model is not None:
             check_model_inputs(args.model, codec, args.image_size)
         images = list_image_folder(args.data_path)
-        extract_features(images, args.features_path, codec, rt.env, image_size=args.image_size, flip=args.flip,
-                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                         global_seed=args.global_seed, precision=rt.precision, skip_bad=args.skip_bad,
-                         logger=rt.logger)
+        encode_image_folder(images, args.features_path, codec, rt.env, image_size=args.image_size, flip=args.flip,
+                            shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                            global_seed=args.global_seed, precision=rt.precision, skip_bad=args.skip_bad,
+                            logger=rt.logger)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

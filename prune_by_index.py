@@ -9,6 +9,7 @@ The bracketed form copied from the TinyFusion README works too: --kept-indices "
 """
 
 from tinyfusion.args import Parser, add_model_args, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.options import IndexPruningOptions
 from tinyfusion.pruning import run_prune_by_index
 
@@ -32,4 +33,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -11,7 +11,8 @@ from the EMA of the gates; the weight updates are discarded and the kept blocks 
 original weights. The run folder holds decisions.jsonl, decisions.json and decisions.png.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args, to_options
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_training_args, positive_int, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.lora import DEFAULT_TARGETS
 from tinyfusion.options import LearnedPruningOptions
 from tinyfusion.pruning import run_prune_by_learning
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     group.add_argument("--delta-w", action="store_true",
                        help="train weight updates jointly with the gates (simulating the fine-tuning to come)")
     group.add_argument("--lora", action="store_true", help="make the weight updates LoRA (else full weights)")
-    group.add_argument("--lora-rank", type=int, default=8)
+    group.add_argument("--lora-rank", type=positive_int, default=8)
     group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     group.add_argument("--lora-targets", type=str, nargs="+", default=list(DEFAULT_TARGETS),
                        help="Linear layers of each block to adapt")
@@ -50,4 +51,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

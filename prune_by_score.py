@@ -11,7 +11,8 @@ alone is removed; random: seeded. The least important blocks are pruned; --keep-
 --keep-last protect blocks explicitly. Scores are printed as a table and saved as JSON.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, to_options
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, positive_int, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.options import ScorePruningOptions
 from tinyfusion.scores import CRITERIA, run_prune_by_score
 
@@ -22,8 +23,8 @@ def parse_args(argv=None):
     add_runtime_args(parser)
     parser.add_argument("--criterion", choices=CRITERIA, default="bi")
     parser.add_argument("--data-path", type=str, default=None, help="features for calibration (bi and loss)")
-    parser.add_argument("--num-batches", type=int, default=16, help="calibration batches")
-    parser.add_argument("--batch-size", type=int, default=32, help="global calibration batch size")
+    parser.add_argument("--num-batches", type=positive_int, default=16, help="calibration batches")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="global calibration batch size")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--n-pruned", type=int, help="number of blocks to remove")
     target.add_argument("--target-depth", type=int, help="number of blocks to keep")
@@ -40,4 +41,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -18,6 +18,7 @@ OUT/grids, TinyFusion's decision plots in OUT/decisions-*.png.
 
 from pipelines.quickstart import run_quickstart
 from tinyfusion.args import Parser
+from tinyfusion.cli import run_script
 
 
 def parse_args(argv=None):
@@ -38,4 +39,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

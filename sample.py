@@ -12,6 +12,7 @@ grid, any other model its first eight classes.
 """
 
 from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.options import SampleGridOptions
 from tinyfusion.sampling import run_sample
 
@@ -33,4 +34,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -12,7 +12,8 @@ labels) and NAME.json beside it, the full sampling protocol. NAME is
 <checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<N>.
 """
 
-from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, to_options
+from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, positive_int, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.options import SampleSetOptions
 from tinyfusion.sampling import run_sample_ddp
 
@@ -23,8 +24,8 @@ def parse_args(argv=None):
     add_sampling_args(parser, cfg_default=1.5)
     # fp32 (with TF32 on GPUs) by default, as the official DiT FID numbers were sampled.
     add_runtime_args(parser, precision_default="fp32")
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     parser.add_argument("--sample-dir", type=str, default="outputs/samples",
                         help="where the run folder and the .npz go")
     parser.add_argument("--npz", type=str, default=None, help="final .npz path (default: SAMPLE_DIR/NAME.npz)")
@@ -37,4 +38,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

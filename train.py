@@ -9,6 +9,7 @@ again resumes from the latest one. `--model` is optional when the checkpoint des
 """
 
 from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.options import TrainOptions
 from tinyfusion.training import run_train
 
@@ -27,4 +28,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

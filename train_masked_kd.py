@@ -10,6 +10,7 @@ distilled from the teacher block it was pruned from (read from the student check
 """
 
 from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args, to_options
+from tinyfusion.cli import run_script
 from tinyfusion.kd import run_masked_kd
 from tinyfusion.options import MaskedKDOptions
 
@@ -40,4 +41,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -119,9 +119,14 @@ def parse_stack_groups(tokens: Sequence[str] | str, depths: dict[str, int]):
     """
     from .gates import parse_groups
 
+    text = tokens if isinstance(tokens, str) else ",".join(tokens or [])
+    if not text.replace(",", "").strip():
+        depth = sum(depths.values())
+        pairs = f"'{depth // 2}x1:2' (keep one block of each pair) or " if depth % 2 == 0 else ""
+        raise ValueError(f"--groups is empty: give N:M groups covering all {depth} blocks of the model, e.g. "
+                         f"{pairs}'{depth // 2}:{depth}' (one group over all blocks)")
     terms = _stack_terms(tokens)
     if terms is None:
-        text = tokens if isinstance(tokens, str) else ",".join(tokens)
         return parse_groups(text, depth=sum(depths.values()))
     unknown = [name for name in terms if name not in depths]
     if unknown:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from models import total_depth
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
+from tinyfusion.sampling import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_MODEL = "DiT-Nano/2"
@@ -438,19 +439,11 @@ def format_report(result: dict) -> str:
 def _grid(npz: Path, png: Path, per_class: int = 8, max_classes: int = 10, min_side: int = 64) -> None:
     """A grid of a sample set, one row per class (the first `per_class` samples of each), small images
     enlarged (nearest neighbour) so that a 8x8 digit is visible."""
-    import torch
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-
     with np.load(npz) as data:
         images, labels = data["arr_0"], data["arr_1"]
     rows = [np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)[:max_classes]]
-    picked = torch.from_numpy(np.concatenate([images[r] for r in rows if len(r) == per_class]))
-    picked = picked.permute(0, 3, 1, 2).float() / 255
-    if picked.shape[-1] < min_side:
-        picked = F.interpolate(picked, scale_factor=min_side // picked.shape[-1], mode="nearest")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    save_image(picked, str(png), nrow=per_class, padding=2, pad_value=0.5)
+    picked = np.concatenate([images[r] for r in rows if len(r) == per_class])
+    save_grid(picked, png, nrow=per_class, min_side=min_side, pad_value=0.5)
 
 
 def run_quickstart(args: argparse.Namespace) -> dict:

@@ -156,7 +156,7 @@ def test_missing_and_truncated_files(tmp_path):
     torch.save(tiny_dit().state_dict(), tmp_path / "w.pt")
     data = (tmp_path / "w.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="is not a checkpoint: it is a truncated zip archive"):
         load_model(tmp_path / "cut.pt", num_heads=2)
 
 
@@ -166,18 +166,26 @@ def test_weights_that_do_not_fit_are_explained(tmp_path):
     save_model(tmp_path / "m.pt", tiny_dit())
     record = torch.load(tmp_path / "m.pt", weights_only=True)
     record["model"] = sd
+    torch.save(record, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="differs from the SHA-256 written with it.*edited it on purpose"):
+        load_model(tmp_path / "edited.pt")
+    del record["integrity"]  # an edit on purpose drops the digest of the old content
     torch.save(record, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="wrong shape"):
         load_model(tmp_path / "bad.pt")
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
+    from tinyfusion.fileio import atomic_write
+
+    def half_then_fail(f):
+        f.write(b"partial")
+        raise RuntimeError("boom")
 
     atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
-    with pytest.raises(RuntimeError):
-        atomic_save({"a": Unpicklable()}, tmp_path / "x.pt")
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(tmp_path / "x.pt", half_then_fail)
+    with pytest.raises(TypeError, match="cannot hash"):  # not a checkpoint's content: refused before writing
+        atomic_save({"a": object()}, tmp_path / "x.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
     assert torch.load(tmp_path / "x.pt", weights_only=True)["a"].sum() == 2

@@ -13,7 +13,7 @@ from PIL import Image
 import extract_features
 from tinyfusion.distributed import DistEnv
 from tinyfusion.extraction import check_model_inputs, encode_seed
-from tinyfusion.extraction import extract_features as extract
+from tinyfusion.extraction import encode_image_folder as extract
 from tinyfusion.features import REFERENCE_FEATURES, REFERENCE_LABELS, FeatureDataset, shard_names
 from tinyfusion.images import adm_center_crop, image_to_tensor, list_image_folder, load_image
 from tinyfusion.vae import load_codec

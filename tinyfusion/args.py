@@ -8,25 +8,59 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from typing import TypeVar
 
 from models import MODELS, plain_names
 from processes import all_samplers
 
+from .distributed import default_num_workers
 from .precision import PRECISIONS
 
 T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the script's docstring as description and defaults shown in --help."""
+    """argparse with the script's docstring as description, defaults shown in --help, a --debug flag, and
+    errors on one line (rank 0 only under torchrun), exit status 2."""
 
     def __init__(self, doc: str | None, **kwargs):
         super().__init__(description=doc, formatter_class=_Formatter, allow_abbrev=False, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help="show the Python traceback of an error (errors are otherwise one line)")
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count, a period)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def to_options(cls: type[T], args: argparse.Namespace) -> T:
@@ -36,10 +70,11 @@ def to_options(cls: type[T], args: argparse.Namespace) -> T:
         TypeError: a parsed argument that `cls` has no field for (a script and its options disagree).
     """
     names = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(vars(args)) - names)
+    values = {k: v for k, v in vars(args).items() if k != "debug"}  # --debug is the script's (tinyfusion.cli)
+    extra = sorted(set(values) - names)
     if extra:
         raise TypeError(f"{cls.__name__} has no field for the arguments {extra}")
-    return cls(**vars(args))
+    return cls(**values)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto",
@@ -78,7 +113,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
                        help="classifier-free guidance scale; 1.0 disables guidance")
     group.add_argument("--guide-all-channels", action="store_true",
                        help="guide every noise channel (the official code guides the first 3 only)")
-    group.add_argument("--num-sampling-steps", type=int, default=None,
+    group.add_argument("--num-sampling-steps", type=positive_int, default=None,
                        help="steps of the sampler; None: the sampler's default (Gaussian: ddpm and ddim 250, dpm++ 20)")
     group.add_argument("--sampler", choices=all_samplers(), default=None,
                        help="a sampler of the model's noise process; None: its first. Gaussian (DiT): ddpm "
@@ -97,30 +132,33 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
                        help="features folder written by extract_features.py (or the reference layout)")
     group.add_argument("--num-classes", type=int, default=None,
                        help="classes of a model trained from scratch; read from the features when omitted")
-    group.add_argument("--num-workers", type=int, default=4)
+    group.add_argument("--num-workers", type=nonnegative_int, default=default_num_workers(),
+                       help="data-loading workers per process (default: the cores of this machine per process, "
+                            "less one, at most 8)")
 
     group = parser.add_argument_group("run")
     group.add_argument("--results-dir", type=str, default="results")
     group.add_argument("--prefix", type=str, default=None,
                        help="run folder name under --results-dir (default: from the script and model); "
                             "running the same command again resumes the run in it")
-    group.add_argument("--epochs", type=int, default=None)
-    group.add_argument("--max-steps", type=int, default=None, help="train for this many steps instead of --epochs")
-    group.add_argument("--log-every", type=int, default=100)
-    group.add_argument("--ckpt-every", type=int, default=10_000)
-    group.add_argument("--keep-last", type=int, default=2, help="training checkpoints to keep")
+    group.add_argument("--epochs", type=positive_int, default=None)
+    group.add_argument("--max-steps", type=positive_int, default=None,
+                       help="train for this many steps instead of --epochs")
+    group.add_argument("--log-every", type=positive_int, default=100)
+    group.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    group.add_argument("--keep-last", type=positive_int, default=2, help="training checkpoints to keep")
     group.add_argument("--tensorboard", action="store_true", help="also log to run_dir/tensorboard")
-    group.add_argument("--max-nonfinite-steps", type=int, default=5,
+    group.add_argument("--max-nonfinite-steps", type=positive_int, default=5,
                        help="stop after this many consecutive steps with a non-finite loss or gradient")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--global-batch-size", type=int, default=global_batch_size)
-    group.add_argument("--micro-batch-size", type=int, default=None,
+    group.add_argument("--global-batch-size", type=positive_int, default=global_batch_size)
+    group.add_argument("--micro-batch-size", type=positive_int, default=None,
                        help="per-process batch of one forward pass; gradients accumulate up to the "
                             "per-process share of --global-batch-size (default: all of it at once)")
     group.add_argument("--lr", type=float, default=lr)
     group.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     group.add_argument("--ema-decay", type=float, default=ema_decay)

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,19 @@ from models import (
 )
 from processes import create_process
 
+from .cli import RunFailed
 from .fileio import atomic_write
+from .paths import file_sha256
 
 FORMAT = "tinyfusion-toolkit"
 # 2: the record holds "process" and "codec" and a complete config (per-block widths, attention kind);
 # files of version 1 still load (their process is the family's default and their codec unrecorded).
 FORMAT_VERSION = 2
 SAFETENSORS_METADATA_KEY = "tinyfusion"
+# Every file the toolkit writes carries the SHA-256 of its content (tensors bit for bit, and every other
+# value), checked when it is read: a flipped byte, from a failing disk or a bad copy, is an error.
+INTEGRITY_KEY = "integrity"
+INTEGRITY_SCHEME = "tinyfusion-content-sha256-v1"
 
 # Prefixes that wrappers add to parameter names: DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -89,32 +96,88 @@ class LoadedModel:
 #################################################################################
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Reads a .pt/.pth/.bin (pickle, safely) or .safetensors file into a dict.
+    """Reads a .pt/.pth/.bin (pickle, safely) or .safetensors file into a dict, verifying its content hash.
 
     Raises:
-        ValueError: the file is missing, unreadable, not a dict, or holds objects that unpickling
-            would have to run code for.
+        ValueError: the file is missing, not a checkpoint (an HTML page, an image, a truncated or empty
+            file: said so), corrupted (its content differs from the hash written with it), not a dict,
+            or holds objects that unpickling would have to run code for.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist; check the path "
                          f"(official DiT weights: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
+    what = sniff_file(path)
+    if what is not None:
+        raise ValueError(f"{str(path)!r} is not a checkpoint: it is {what}")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        obj = _read_safetensors(path)
+    else:
+        obj = _read_pickle(path)
+    verify_integrity(obj, path)
+    return obj
+
+
+def _read_pickle(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {str(path)!r}: it holds pickled Python objects beyond tensors and plain "
-            f"containers, which could run code when loaded ({_first_line(e)}). Load it only if you trust "
-            "it, re-save its state_dict() alone, and pass that file instead") from None
+        if "weights only load failed" in str(e).lower() and ("unsupported global" in str(e).lower()
+                                                             or "global" in _first_line(e).lower()):
+            raise ValueError(
+                f"refusing to load {str(path)!r}: it holds pickled Python objects beyond tensors and plain "
+                f"containers, which could run code when loaded ({_unsupported_global(e)}). Load it only if you "
+                "trust it, re-save its state_dict() alone, and pass that file instead") from None
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(e)}); check that it is the "
+                         "file you meant, complete and uncorrupted") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {_first_line(e)}. Is the file complete "
                          "(not truncated by an interrupted download or copy)?") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights")
     return obj
+
+
+def _unsupported_global(e: BaseException) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    return f"it needs {found.group(1)}" if found else _first_line(e)
+
+
+def sniff_file(path: Path) -> str | None:
+    """What a file named as a checkpoint really is, when it is plainly something else; None otherwise.
+
+    Recognised: an empty file, an HTML page (a download that returned a login or error page), PNG,
+    JPEG and GIF images, a truncated zip (an interrupted download or copy of a .pt), gzip, NumPy and
+    JSON files, and a safetensors file under another extension.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (an interrupted download or copy?); fetch it again"
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:512]:
+        return ("an HTML page (a download that returned a web page, such as a login or error page, instead of "
+                "the file); download the file itself")
+    for magic, kind in ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                        (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip archive; decompress it first"),
+                        (b"\x93NUMPY", "a NumPy array file (.npy)")):
+        if head.startswith(magic):
+            return kind + ("" if "first" in kind else "; give the checkpoint file")
+    if head.startswith(b"PK\x03\x04") and path.suffix != ".safetensors":
+        if not zipfile.is_zipfile(path):
+            return (f"a truncated zip archive ({size:,} bytes; a PyTorch checkpoint ends with a zip directory this "
+                    "file lacks): an interrupted download or copy; fetch it again")
+        return None
+    if text.startswith((b"{", b"[")) and path.suffix != ".safetensors":
+        return "a JSON or text file; give the checkpoint file"
+    if path.suffix != ".safetensors" and len(head) >= 10 and head[8:10] == b'{"' \
+            and int.from_bytes(head[:8], "little") < size:
+        return "a safetensors file under another name; rename it to end in .safetensors"
+    if path.suffix == ".safetensors" and (len(head) < 8 or int.from_bytes(head[:8], "little") + 8 > size):
+        return "a truncated or invalid safetensors file (its header is longer than the file); fetch it again"
+    return None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -126,11 +189,20 @@ def _read_safetensors(path: Path) -> dict:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read safetensors file {str(path)!r}: {e}") from None
-    if SAFETENSORS_METADATA_KEY in metadata:
+    if SAFETENSORS_METADATA_KEY not in metadata:
+        return tensors
+    try:
         record = json.loads(metadata[SAFETENSORS_METADATA_KEY])
-        record["model"] = tensors
-        return record
-    return tensors
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata is not valid JSON ({e}); the file "
+                         "is damaged or was not written by this toolkit; re-export it with save_model") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or "arch" not in record \
+            or "config" not in record:
+        raise ValueError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata does not describe a model "
+                         f"(expected a {FORMAT} record with 'arch' and 'config'); re-export it with save_model, or "
+                         "strip the metadata and pass --model")
+    record["model"] = tensors
+    return record
 
 
 def _first_line(e: BaseException) -> str:
@@ -181,6 +253,84 @@ def strip_prefixes(state_dict: dict) -> dict:
             key = key.replace("._orig_mod.", ".")
         out[key] = value
     return out
+
+
+#################################################################################
+#                                   Integrity                                   #
+#################################################################################
+
+def content_digest(obj: Any) -> str:
+    """The SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes, and every other value,
+    walked in a fixed order (dict keys sorted), so the same content always gives the same digest."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for item in obj:
+            _feed(digest, item)
+    elif isinstance(obj, argparse.Namespace):
+        digest.update(b"N")
+        _feed(digest, vars(obj))
+    elif obj is None or isinstance(obj, (str, int, float, bool, bytes)):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"cannot hash a {type(obj).__name__} in a checkpoint")
+
+
+def with_integrity(obj: dict) -> dict:
+    """`obj` with its content digest added (what every toolkit writer stores)."""
+    body = {k: v for k, v in obj.items() if k != INTEGRITY_KEY}
+    return {**body, INTEGRITY_KEY: {"scheme": INTEGRITY_SCHEME, "sha256": content_digest(body)}}
+
+
+def verify_integrity(obj: dict, path: str | os.PathLike) -> None:
+    """Checks (and removes) the digest a toolkit file carries; files without one (official weights) pass."""
+    record = obj.pop(INTEGRITY_KEY, None)
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("scheme") != INTEGRITY_SCHEME:
+        raise ValueError(f"{str(path)!r} carries an integrity record of an unknown scheme ({record!r}); it was "
+                         "written by a newer toolkit: update this one")
+    if content_digest(obj) != record.get("sha256"):
+        raise ValueError(f"{str(path)!r} is corrupted: its content differs from the SHA-256 written with it (a "
+                         "failing disk, or a damaged copy); restore it from a good copy, or re-create it (if you "
+                         f"edited it on purpose, delete its {INTEGRITY_KEY!r} entry, or write it with "
+                         "tinyfusion.checkpoint.save_model)")
+
+
+def first_nonfinite(state_dicts: dict[str, dict]) -> str | None:
+    """The first floating tensor with a NaN or an infinity, as "which/name"; None when all are finite.
+
+    Args:
+        state_dicts: name (e.g. "model", "ema") -> state dict.
+    """
+    for which, state_dict in state_dicts.items():
+        for name, tensor in (state_dict or {}).items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{which}/{name}"
+    return None
+
+
+def check_finite(record: dict, path: str | os.PathLike) -> None:
+    """Refuses to write a model whose weights hold NaN or infinities (RunFailed, naming the tensor)."""
+    bad = first_nonfinite({k: record.get(k) for k in ("model", "ema") if isinstance(record.get(k), dict)})
+    if bad is not None:
+        raise RunFailed(f"not writing {str(path)!r}: its weights are not finite ({bad} holds NaN or inf), so the "
+                        "training diverged; lower --lr (or use --precision bf16/fp32 instead of fp16) and re-run")
 
 
 #################################################################################
@@ -308,8 +458,11 @@ def _load_weights(model: nn.Module, state_dict: dict, path: str) -> None:
 #                                  Writing files                                #
 #################################################################################
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename over `path`."""
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save of `obj` with its content digest, to a temporary file in the same folder, then an atomic
+    rename over `path`. Model weights (`model`, `ema`) must be finite."""
+    check_finite(obj, path)
+    obj = with_integrity(obj)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -341,21 +494,16 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, process: dict | Non
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save
 
+        check_finite(record, path)
         weights = record.pop("ema", None) or record.pop("model")
         record.pop("model", None)
+        record = with_integrity({**record, "model": weights})
+        record.pop("model")
         data = save({k: v.contiguous() for k, v in weights.items()},
                     metadata={SAFETENSORS_METADATA_KEY: json.dumps(record)})
         atomic_write(path, lambda f: f.write(data))
     else:
         atomic_save(record, path)
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) -> dict:
@@ -372,7 +520,8 @@ def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) ->
 
 
 __all__ = [
-    "FORMAT", "LoadedModel", "atomic_save", "config_differences", "family_config", "file_sha256",
-    "is_self_describing", "load_model", "model_record", "pruned_lineage",
+    "FORMAT", "LoadedModel", "atomic_save", "check_finite", "config_differences", "content_digest",
+    "family_config", "file_sha256", "first_nonfinite", "is_self_describing", "sniff_file", "verify_integrity",
+    "with_integrity", "load_model", "model_record", "pruned_lineage",
     "read_checkpoint", "save_model", "select_state_dict", "strip_prefixes",
 ]

@@ -132,6 +132,15 @@ def all_gather_objects(obj: Any) -> list:
     return out
 
 
+def default_num_workers() -> int:
+    """Data-loading workers per process when --num-workers is not given: the CPU cores this process may
+    use, shared among the processes of the node, one left to the training process itself, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(8, per_process - 1))
+
+
+
 def create_logger(env: DistEnv, log_dir: str | os.PathLike | None = None, name: str = "tinyfusion") -> logging.Logger:
     """A logger that writes on rank 0 only (to stdout and log_dir/log.txt); other ranks log warnings."""
     logger = logging.getLogger(f"{name}.rank{env.rank}")

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -33,15 +34,22 @@ from torch.utils.data import DataLoader
 from models import unwrap
 from processes import Draws, NoiseProcess
 
-from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, read_checkpoint
+from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, first_nonfinite, read_checkpoint
+from .cli import RunFailed
 from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
-from .fileio import setting_differences
+from .fileio import atomic_write_json, setting_differences, truncate_jsonl
 from .precision import autocast, grad_scaler
 
-# Settings that may change between a run and its resumption (they do not change the result).
+# Settings that may change between a run and its resumption (they do not change the result). Paths are
+# compared by what they hold (tinyfusion.training.run_settings records the content of each input), so a
+# moved run folder or a data path spelled another way resumes.
 RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "num_workers", "tensorboard", "device",
-                     "max_nonfinite_steps", "save_model"}
+                     "max_nonfinite_steps", "save_model", "results_dir", "prefix", "debug"}
+# The suffix of the settings that record what an input path holds (tinyfusion.training.run_settings).
+CONTENT_SUFFIX = "@content"
+# Exit statuses of a run stopped by a signal after saving (128 + the signal's number, as a shell reports).
+SIGNAL_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 @dataclasses.dataclass
@@ -98,6 +106,8 @@ class Task(abc.ABC):
     """
 
     gate_options: int = 0
+    # JSON-lines files (in the run folder) the task appends a record with a "step" to; cut back on resume.
+    log_files: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
@@ -172,8 +182,16 @@ class EMA:
 #################################################################################
 
 class CheckpointManager:
-    """Training checkpoints in run_dir/checkpoints: numbered by step, written atomically, the last
-    `keep_last` kept."""
+    """Training checkpoints in run_dir/checkpoints, written atomically, the last `keep_last` kept.
+
+    The run lists what it wrote, with each file's step, in checkpoints/manifest.json: only those files
+    count and rotate, by their recorded step, so a file of the user's there (say `step-best.pt`) is
+    never taken for the latest nor deleted. A folder written before the manifest existed is read by
+    the exact names the toolkit gives (`step-NNNNNNN.pt`).
+    """
+
+    MANIFEST = "manifest.json"
+    _OWN_NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
     def __init__(self, run_dir: Path, keep_last: int):
         if keep_last < 1:
@@ -181,24 +199,54 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
+    def _entries(self) -> list[dict]:
+        manifest = self.dir / self.MANIFEST
+        if manifest.is_file():
+            try:
+                entries = json.loads(manifest.read_text())["checkpoints"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{manifest} is damaged ({e}); it lists the run's checkpoints: restore it, or "
+                                 "delete it to fall back to the step-NNNNNNN.pt names") from None
+            return sorted(entries, key=lambda e: e["step"])
+        found = [(int(m.group(1)), p.name) for p in self.dir.glob("step-*.pt")
+                 if (m := self._OWN_NAME.match(p.name))]
+        return [{"file": name, "step": step} for step, name in sorted(found)]
+
     def all(self) -> list[Path]:
-        return sorted(self.dir.glob("step-*.pt"))
+        """The run's checkpoints that exist, oldest step first."""
+        return [self.dir / e["file"] for e in self._entries() if (self.dir / e["file"]).is_file()]
 
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
 
     def save(self, state: dict, step: int) -> Path:
-        path = self.dir / f"step-{step:07d}.pt"
+        name = f"step-{step:07d}.pt"
+        path = self.dir / name
         atomic_save(state, path)
-        for old in self.all()[:-self.keep_last]:
-            old.unlink()
+        entries = sorted([e for e in self._entries() if e["file"] != name] + [{"file": name, "step": step}],
+                         key=lambda e: e["step"])
+        keep, drop = entries[-self.keep_last:], entries[:-self.keep_last]
+        # The manifest first: a crash between the two steps leaves an unlisted file, never a listed missing one.
+        atomic_write_json(self.dir / self.MANIFEST, {"checkpoints": keep})
+        for old in drop:
+            (self.dir / old["file"]).unlink(missing_ok=True)
         return path
 
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:
-    """Refuses to resume a run whose settings differ in a way that changes the result."""
-    differences = setting_differences(saved, current, ignore=RESUMABLE_CHANGES)
+    """Refuses to resume a run whose settings differ in a way that changes the result.
+
+    An input path is compared by its content (KEY@content) when the run recorded it, so a moved run
+    folder, or a data path given relative instead of absolute, resumes; older runs compare the paths.
+    """
+    ignore = set(RESUMABLE_CHANGES)
+    for key in current:
+        if key.endswith(CONTENT_SUFFIX):
+            ignore.add(key[:-len(CONTENT_SUFFIX)] if key in saved else key)
+    names = {k: (f"the content of --{k[:-len(CONTENT_SUFFIX)].replace('_', '-')}" if k.endswith(CONTENT_SUFFIX)
+                 else k) for k in sorted(set(saved) | set(current))}
+    differences = setting_differences(saved, current, ignore=ignore, names=names)
     if differences:
         raise ValueError(f"{path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
                          + "\nRe-run with the same settings to resume it, or choose another --results-dir/--prefix.")
@@ -294,14 +342,29 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.env.is_main:  # log lines past the checkpoint are written again by the resumed run
+            for log in ("metrics.jsonl", *self.task.log_files):
+                truncate_jsonl(self.run_dir / log, self.step)
         self.logger.info(f"resumed from {path} at step {self.step}")
         return True
 
     def save_checkpoint(self) -> None:
+        """Writes the step's checkpoint (rank 0); refuses, on every rank alike, weights that are not finite."""
+        bad = first_nonfinite({"model": self.model.state_dict(), "ema": self.ema.model.state_dict()})
+        if bad is not None:
+            raise RunFailed(self._diverged(f"at step {self.step} the weights are not finite ({bad} holds NaN or "
+                                           "inf), so no checkpoint was written"))
         if self.env.is_main:
             path = self.checkpoints.save(self.state_dict(), self.step)
             self.logger.info(f"saved checkpoint {path}")
         barrier()
+
+    def _diverged(self, what: str) -> str:
+        last = self.checkpoints.latest()
+        return (f"the training diverged: {what}. The last good checkpoint is "
+                f"{last if last else 'none (no checkpoint was written yet)'} (checkpoints are written only with "
+                "finite weights). Check the data for NaN/inf values, or lower --lr, or use --precision bf16/fp32 "
+                "instead of fp16; re-running the same command resumes from that checkpoint")
 
     # ----------------------------------------------------------------- randomness
 
@@ -331,20 +394,24 @@ class Trainer:
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
 
-    def _install_sigterm(self):
+    def _install_stop_handlers(self) -> dict:
+        """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop at the end of the step."""
         def handler(signum, frame):
-            self._stop_requested = True
+            self._stop_requested = signum
+        previous = {}
         try:
-            return signal.signal(signal.SIGTERM, handler)
+            for sig in SIGNAL_STATUS:
+                previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): no preemption handling
-            return None
+            pass
+        return previous
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop; all ranks must leave the loop at the same step."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.env.device)
+        flag = torch.tensor([float(self._stop_requested or 0)], device=self.env.device)
         if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def fit(self) -> nn.Module:
         """Trains to `total_steps` (resuming from the run folder if it holds a checkpoint).
@@ -356,7 +423,7 @@ class Trainer:
         if self.step >= c.total_steps:
             self.logger.info(f"the run in {self.run_dir} is already complete ({self.step} steps)")
             return self.ema.model
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_handlers()
         writer = self._tensorboard()
         self.model.train()
         self.logger.info(
@@ -377,12 +444,8 @@ class Trainer:
                     self.logger.warning(f"step {self.step}: non-finite loss or gradient, step skipped "
                                         f"({self.skipped_steps} skipped in total)")
                     if consecutive_bad >= c.max_nonfinite_steps:
-                        last = self.checkpoints.latest()
-                        raise RuntimeError(
-                            f"stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                            f"(last at step {self.step}). The last good checkpoint is "
-                            f"{last if last else 'none (no checkpoint was written yet)'}. Check the data for "
-                            "NaN/inf values, or lower --lr, or use --precision bf16/fp32 instead of fp16.")
+                        raise RunFailed(self._diverged(f"{consecutive_bad} consecutive steps had a non-finite loss "
+                                                       f"or gradient (the last at step {self.step})"))
                 if self.step % c.log_every == 0 or self.step == c.total_steps:
                     self._log(window, writer)
                     window = _Window()
@@ -390,11 +453,12 @@ class Trainer:
                 if stop or self.step % c.ckpt_every == 0 or self.step == c.total_steps:
                     self.save_checkpoint()
                 if stop:
-                    self.logger.info(f"stopped by SIGTERM at step {self.step}; re-run the same command to resume")
-                    raise SystemExit(143)
+                    name = signal.Signals(stop).name
+                    self.logger.info(f"stopped by {name} at step {self.step}; re-run the same command to resume")
+                    raise SystemExit(SIGNAL_STATUS.get(signal.Signals(stop), 128 + stop))
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
         return self.ema.model

@@ -1,5 +1,10 @@
 """Encoding an image folder into the sharded feature layout of `tinyfusion.features`.
 
+Names: what this writes are a model's inputs, the codec's latents (pixels for a pixel-space model),
+kept under `--features-path` because that is DiT's name for them; `encode_image_folder` makes them.
+The evaluator's outputs of Inception (or of a small classifier) are embeddings, made by
+`tinyfusion.evaluation.embed_images`.
+
 Work split: shard k holds images [k * shard_size, (k + 1) * shard_size) of the sorted listing
 (`tinyfusion.images.list_image_folder`); rank k % world_size alone encodes it and writes its
 files, so no two ranks touch one file.
@@ -132,8 +137,8 @@ def encode_copies(codec: LatentCodec, images: torch.Tensor, indices: Sequence[in
     return latents.reshape(copies, len(indices), *latents.shape[1:]).transpose(0, 1).contiguous()
 
 
-def extract_features(images: ImageList, features_path: str | os.PathLike, codec: LatentCodec, env: DistEnv, *,
-                     image_size: int = 256, flip: bool = True, shard_size: int = 1000, batch_size: int = 32,
+def encode_image_folder(images: ImageList, features_path: str | os.PathLike, codec: LatentCodec, env: DistEnv, *,
+                        image_size: int = 256, flip: bool = True, shard_size: int = 1000, batch_size: int = 32,
                      num_workers: int = 4, global_seed: int = 0, precision: str = "fp32", skip_bad: bool = False,
                      logger: logging.Logger | None = None) -> FeatureIndex:
     """Encodes this rank's shards of an image folder, then (rank 0) writes the index; see the module doc.

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .fileio import atomic_write, atomic_write_json
+from .paths import file_sha256
 
 INDEX_FORMAT = "tinyfusion-features"
 INDEX_VERSION = 1
@@ -109,7 +110,10 @@ def write_index(root: str | os.PathLike, num_shards: int, *, num_classes: int, c
     for i in range(num_shards):
         latents_name, labels_name = shard_names(i)
         arr = np.load(root / latents_name, mmap_mode="r")
-        shards.append({"latents": latents_name, "labels": labels_name, "count": int(arr.shape[0])})
+        # The digests make index.json a fingerprint of the data: a resumed run compares it (tinyfusion.paths).
+        shards.append({"latents": latents_name, "labels": labels_name, "count": int(arr.shape[0]),
+                       "latents_sha256": file_sha256(root / latents_name),
+                       "labels_sha256": file_sha256(root / labels_name)})
         shape, copies, dtype = list(arr.shape[2:]), int(arr.shape[1]), str(arr.dtype)
     index = FeatureIndex(num_images=sum(s["count"] for s in shards), shards=shards, latent_shape=shape,
                          copies=copies, dtype=dtype, num_classes=num_classes, class_names=class_names,
@@ -121,6 +125,44 @@ def write_index(root: str | os.PathLike, num_shards: int, *, num_classes: int, c
 #################################################################################
 #                                     Reading                                   #
 #################################################################################
+
+def read_index(root: Path) -> FeatureIndex:
+    """FEATURES/index.json, with a clear error for a truncated or foreign file."""
+    path = root / "index.json"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}): it was cut short or overwritten; re-run extract_features.py "
+                         "with the same arguments to rewrite it (its shards are kept)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a feature index (a JSON {type(data).__name__}, not an object)")
+    index = FeatureIndex.from_json(data, str(path))
+    if not isinstance(index.shards, list) or not all(isinstance(x, dict) and {"latents", "labels", "count"} <= set(x)
+                                                     for x in index.shards):
+        raise ValueError(f"{path} is damaged: its shard list is not [{{latents, labels, count}}]; re-run "
+                         "extract_features.py with the same arguments to rewrite it")
+    return index
+
+
+def check_shards(root: Path, index: FeatureIndex) -> None:
+    """Every shard the index names exists with the count and shape it says (read from the .npy headers
+    only), so a missing or cut shard is an error now, not after hours of training."""
+    for shard in index.shards:
+        for key, shape in (("latents", (shard["count"], index.copies, *index.latent_shape)),
+                           ("labels", (shard["count"],))):
+            file = root / shard[key]
+            if not file.is_file():
+                raise ValueError(f"the features at {str(root)!r} lack {shard[key]} (listed in index.json): the folder "
+                                 "is incomplete; copy it again, or re-run extract_features.py to recreate the shard")
+            try:
+                found = np.load(file, mmap_mode="r").shape
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{file} is damaged ({e}); re-run extract_features.py to recreate it "
+                                 "(delete it first)") from None
+            if tuple(found) != tuple(shape):
+                raise ValueError(f"{file} has shape {tuple(found)} but index.json says {tuple(shape)}: the folder "
+                                 "mixes extractions; re-run extract_features.py into a new --features-path")
+
 
 class FeatureDataset(Dataset):
     """Latents and labels of either layout.
@@ -140,8 +182,8 @@ class FeatureDataset(Dataset):
         self.root = Path(path)
         if (self.root / "index.json").is_file():
             self.layout = "sharded"
-            self.index = FeatureIndex.from_json(json.loads((self.root / "index.json").read_text()),
-                                                str(self.root / "index.json"))
+            self.index = read_index(self.root)
+            check_shards(self.root, self.index)
             counts = np.array([s["count"] for s in self.index.shards], dtype=np.int64)
             self._starts = np.concatenate([[0], np.cumsum(counts)])
             self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}

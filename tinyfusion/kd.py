@@ -175,7 +175,10 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
     """train_masked_kd.py: recover a pruned student by Masked KD from its teacher."""
     if not args.load_weight:
         raise ValueError("give the pruned student with --load-weight")
-    with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd") as run:
+    if not args.load_teacher:
+        raise ValueError("give the teacher with --load-teacher: the model the student was pruned from")
+    with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd",
+                   outputs={"--save-model": args.save_model}) as run:
         student = model_for_training(args, run.dataset, run.logger)
         teacher = load_model(args.load_teacher, args.teacher, weights=args.teacher_weights,
                              num_heads=args.num_heads)

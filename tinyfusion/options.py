@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .distributed import default_num_workers
+
 
 @dataclasses.dataclass
 class RuntimeOptions:
@@ -34,7 +36,7 @@ class TrainingOptions(RuntimeOptions, ModelOptions):
     load_weight: str | None = None
     data_path: str = ""
     num_classes: int | None = None
-    num_workers: int = 4
+    num_workers: int = dataclasses.field(default_factory=default_num_workers)
     results_dir: str = "results"
     prefix: str | None = None
     epochs: int | None = None

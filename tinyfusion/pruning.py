@@ -35,6 +35,7 @@ from .distributed import barrier
 from .engine import Trainer
 from .lora import DEFAULT_TARGETS, add_lora, trainable_fraction
 from .options import IndexPruningOptions, LearnedPruningOptions, RuntimeOptions
+from .paths import check_outputs
 from .runtime import bootstrap
 from .training import (
     DiffusionTask,
@@ -103,6 +104,7 @@ def save_pruned(source: LoadedModel, kept: Sequence[int], path: str, method: str
 
 def run_prune_by_index(args: IndexPruningOptions) -> None:
     """prune_by_index.py: keep a chosen set of blocks (rank 0 writes under torchrun)."""
+    check_outputs({"--save-model": args.save_model}, {"--ckpt": args.ckpt})
     with bootstrap(RuntimeOptions(), device="cpu") as rt:  # surgery needs no GPU
         if rt.env.is_main:
             _prune_by_index(args, rt.logger)
@@ -116,6 +118,10 @@ def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
     if args.preset == "oracle":
         # The BK-SDM pattern halves each stack on its own.
         kept = join_indices({name: oracle_indices(d) for name, d in depths.items()}, depths)
+        if args.target_depth is not None and args.target_depth != len(kept):
+            raise ValueError(f"--preset oracle is BK-SDM's pattern at half depth ({len(kept)} of {depth} blocks); it "
+                             f"has no form for --target-depth {args.target_depth}: drop --target-depth, or use "
+                             "--preset first-k, --kept-indices, or prune_by_score.py for that depth")
         method = "oracle"
     elif args.preset == "first-k":
         if args.target_depth is None:
@@ -148,6 +154,8 @@ class LearnedPruningTask(DiffusionTask):
         tau_range, scaling_range: (start, end) of the Gumbel temperature and of the logit scaling.
         run_dir: where decisions.jsonl is appended on every log step.
     """
+
+    log_files = ("decisions.jsonl",)
 
     def __init__(self, process: NoiseProcess, gated: GatedModel, tau_range: Sequence[float],
                  scaling_range: Sequence[float], run_dir: Path):
@@ -235,7 +243,7 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
     if not args.save_model:
         raise ValueError("give --save-model: where to write the pruned model")
     name = (args.model or Path(args.load_weight).stem).replace("/", "-")
-    with start_run(args, default_prefix=f"{name}-learned-pruning") as run:
+    with start_run(args, default_prefix=f"{name}-learned-pruning", outputs={"--save-model": args.save_model}) as run:
         loaded = _gated_source(args)
         gated = loaded.model.to(run.env.device)
         check_data_fits(gated, run.dataset)

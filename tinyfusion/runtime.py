@@ -33,7 +33,15 @@ class Runtime:
 
     def log_to(self, log_dir: str | os.PathLike) -> None:
         """From now on, rank 0 also writes the log to log_dir/log.txt."""
+        self.close_log()
         self.logger = create_logger(self.env, log_dir)
+
+    def close_log(self) -> None:
+        """Closes the log files (the console stays)."""
+        for handler in list(self.logger.handlers):
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+                self.logger.removeHandler(handler)
 
 
 @contextlib.contextmanager
@@ -50,12 +58,16 @@ def bootstrap(opts: RuntimeOptions, *, seed: int | None = None, device: str | No
         timeout_minutes: how long collectives wait for a slow rank before failing.
     """
     env = init_distributed(device or opts.device, timeout_minutes=timeout_minutes)
+    rt = None
     try:
         if opts.tf32:
             enable_tf32()
         if seed is not None:
             torch.manual_seed(seed)
-        yield Runtime(env=env, precision=resolve_precision(opts.precision, env.device),
-                      logger=create_logger(env, log_dir))
+        rt = Runtime(env=env, precision=resolve_precision(opts.precision, env.device),
+                     logger=create_logger(env, log_dir))
+        yield rt
     finally:
+        if rt is not None:
+            rt.close_log()
         cleanup()

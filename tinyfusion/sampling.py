@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from models import unwrap
 from processes import NoiseProcess, create_process
 
-from .checkpoint import LoadedModel, file_sha256, load_model
+from .checkpoint import LoadedModel, load_model
 from .distributed import DistEnv, barrier, broadcast_object
 from .features import SeedPurpose, derive_seed
 from .fileio import atomic_write, atomic_write_json, setting_differences
 from .options import SampleGridOptions, SampleSetOptions, SamplingOptions
+from .paths import check_outputs, file_sha256
 from .precision import PRECISIONS, autocast
 from .runtime import Runtime, bootstrap
 from .vae import LatentCodec, load_codec, resolve_codec
@@ -231,13 +232,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = GRID_NROW) -> Path:
-    """Writes (N, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images per row."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int = GRID_NROW,
+              min_side: int = 0, pad_value: float = 0.0) -> Path:
+    """Writes images as one PNG grid, `nrow` images per row: the one grid writer of the toolkit.
+
+    Args:
+        images: (N, 3, H, W) floats in [-1, 1], or (N, H, W, C) uint8 as a sample set stores them.
+        path: the PNG to write (its folder is created).
+        nrow: images per row.
+        min_side: images smaller than this are enlarged by an integer factor (nearest neighbour), so
+            that an 8x8 digit stays visible.
+        pad_value: the gray level of the padding between images, in [0, 1].
+    """
     from torchvision.utils import save_image
 
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = (images.float().clamp(-1, 1) + 1) / 2
+    if images.shape[-1] < min_side:
+        images = torch.nn.functional.interpolate(images, scale_factor=min_side // images.shape[-1], mode="nearest")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=nrow, normalize=True, value_range=(-1, 1))
+    save_image(images, str(path), nrow=nrow, padding=2, pad_value=pad_value)
     return path
 
 
@@ -264,6 +280,7 @@ def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProc
 
 def run_sample(args: SampleGridOptions) -> Path:
     """sample.py: one PNG grid of the --class-labels, image i seeded from (--seed, i)."""
+    check_outputs({"--out": args.out}, {"--ckpt": args.ckpt, "--vae": args.vae})
     with bootstrap(args) as rt:
         if rt.env.distributed:
             raise ValueError("sample.py runs in one process; for many images on many GPUs use "
@@ -274,6 +291,7 @@ def run_sample(args: SampleGridOptions) -> Path:
         if args.class_labels is None:
             rt.logger.info(f"--class-labels not given: classes {labels} of this {num_classes}-class model")
         out = Path(args.out) if args.out else Path("outputs/samples") / f"{run_name(args.ckpt, spec, args.seed)}.png"
+        check_outputs({"--out": out}, {"--ckpt": args.ckpt})
         rt.logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on "
                        f"{rt.env.device.type}: {spec.sampler}, {spec.num_steps} steps, cfg {spec.cfg_scale:g}, "
                        f"{spec.precision}, vae {codec.name}")
@@ -475,11 +493,15 @@ def run_sample_ddp(args: SampleSetOptions) -> Path:
     """sample_ddp.py: an FID sample set under torchrun (or one process), resumable."""
     if args.npz and not args.npz.endswith(".npz"):
         raise ValueError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
+    inputs = {"--ckpt": args.ckpt, "--vae": args.vae}
+    check_outputs({"--npz": args.npz}, inputs, folders={"--sample-dir": args.sample_dir})
     with bootstrap(args) as rt:
         loaded, process, codec, spec = _prepare(args, rt)
         name = run_name(args.ckpt, spec, args.global_seed, args.num_fid_samples)
         run_dir = Path(args.sample_dir) / name
         npz_path = Path(args.npz) if args.npz else Path(args.sample_dir) / f"{name}.npz"
+        check_outputs({"--npz": npz_path, "--npz (its protocol .json)": npz_path.with_suffix(".json")}, inputs,
+                      folders={"--sample-dir (run folder)": run_dir})
         rt.log_to(run_dir)
         rt.logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.sampler}, {spec.num_steps} steps, cfg "
                        f"{spec.cfg_scale:g}, {spec.precision}, vae {codec.name}, {rt.env.device.type}")

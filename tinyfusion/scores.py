@@ -23,6 +23,7 @@ from .distributed import all_reduce_sum, barrier
 from .engine import step_draws
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .options import ScorePruningOptions
+from .paths import check_outputs
 from .precision import autocast
 from .pruning import save_pruned
 from .runtime import Runtime, bootstrap
@@ -121,12 +122,19 @@ def format_score_table(scores: Sequence[float], kept: Sequence[int], criterion: 
 
 def run_prune_by_score(args: ScorePruningOptions) -> None:
     """prune_by_score.py: score every block on calibration data, prune the least important."""
+    if (args.n_pruned is None) == (args.target_depth is None):
+        raise ValueError("give exactly one of --n-pruned and --target-depth")
+    scores_path = Path(args.save_scores or Path(args.save_model).with_suffix(".scores.json"))
+    check_outputs({"--save-model": args.save_model, "--save-scores": scores_path},
+                  {"--ckpt": args.ckpt, "--data-path": args.data_path})
     with bootstrap(args) as rt:
         source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
         depth = total_depth(source.model)
-        if (args.n_pruned is None) == (args.target_depth is None):
-            raise ValueError("give exactly one of --n-pruned and --target-depth")
         n_pruned = args.n_pruned if args.n_pruned is not None else depth - args.target_depth
+        if not 1 <= n_pruned <= depth - 1:
+            flag = f"--n-pruned {args.n_pruned}" if args.n_pruned is not None else f"--target-depth {args.target_depth}"
+            raise ValueError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
+                             f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
         if args.criterion == "random":
             scores, count = random_scores(depth, args.global_seed), 0
         else:
@@ -135,7 +143,6 @@ def run_prune_by_score(args: ScorePruningOptions) -> None:
             kept = select_kept(scores.tolist(), n_pruned, args.protect_first, args.protect_last)
             rt.logger.info(f"{args.criterion} scores over {count} calibration samples:\n"
                            + format_score_table(scores.tolist(), kept, args.criterion))
-            scores_path = Path(args.save_scores or Path(args.save_model).with_suffix(".scores.json"))
             scores_path.parent.mkdir(parents=True, exist_ok=True)
             scores_path.write_text(json.dumps({
                 "criterion": args.criterion, "scores": scores.tolist(), "kept_indices": kept,

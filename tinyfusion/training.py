@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +17,12 @@ from models import create_model, total_depth, unwrap
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model, save_model
-from .distributed import DistEnv, barrier
-from .engine import Batch, Task, TrainConfig, Trainer
+from .distributed import DistEnv, barrier, broadcast_object
+from .engine import CONTENT_SUFFIX, Batch, Task, TrainConfig, Trainer
 from .features import FeatureDataset
+from .fileio import RunLock, remove_orphan_temporaries
 from .options import TrainingOptions, TrainOptions
+from .paths import check_outputs, content_identity
 from .runtime import Runtime, bootstrap
 from .vae import codec_record
 
@@ -45,22 +48,71 @@ class Run:
         return self.rt.precision
 
 
+# The inputs of the training scripts, compared by content when a run is resumed (tinyfusion.engine).
+CONTENT_SETTINGS = ("load_weight", "data_path", "load_teacher")
+
+
 @contextlib.contextmanager
-def start_run(opts: TrainingOptions, default_prefix: str) -> Iterator[Run]:
-    """The runtime, the data and the run folder (results_dir/prefix); the process group ends on exit."""
+def start_run(opts: TrainingOptions, default_prefix: str, *, outputs: dict | None = None) -> Iterator[Run]:
+    """The runtime, the data and the run folder (results_dir/prefix), claimed by a lock; the process group
+    ends on exit.
+
+    Before any work: every output is checked (not an input, writable). In the folder, orphan temporary
+    files of an interrupted write are removed. A run that fails before writing anything into a folder it
+    created leaves no folder behind.
+
+    Args:
+        opts: the training options.
+        default_prefix: the run folder's name when --prefix is not given.
+        outputs: flag -> file the script writes besides the run folder (e.g. {"--save-model": path}).
+    """
+    run_dir = Path(opts.results_dir) / (opts.prefix or default_prefix)
+    inputs = {"--" + k.replace("_", "-"): getattr(opts, k, None) for k in CONTENT_SETTINGS}
+    check_outputs(outputs or {}, inputs, folders={"--results-dir/--prefix": run_dir})
     with bootstrap(opts, seed=opts.global_seed) as rt:
         # Every rank seeds alike: initialisations (a model from scratch, LoRA's A matrices) are a
         # function of the seed; the per-step draws have their own generators (tinyfusion.engine).
         dataset = FeatureDataset(opts.data_path)
-        run_dir = Path(opts.results_dir) / (opts.prefix or default_prefix)
+        created = not run_dir.exists()
+        lock, error = RunLock(run_dir), None
         if rt.env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
-        rt.log_to(run_dir)
-        rt.logger.info(f"run folder {run_dir}; {len(dataset):,} images from {opts.data_path} ({dataset.layout} "
-                       f"layout, {'with' if dataset.flip else 'without'} mirrored copies); {rt.env.world_size} "
-                       f"process(es) on {rt.env.device.type}")
-        yield Run(rt=rt, run_dir=run_dir, dataset=dataset)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            except ValueError as e:
+                error = str(e)
+        error = broadcast_object(error)  # every rank stops on a refused folder, not only rank 0
+        if error:
+            if rt.env.is_main and created:
+                _remove_if_unused(run_dir)
+            raise ValueError(error)
+        try:
+            if rt.env.is_main:
+                for folder in (run_dir, run_dir / "checkpoints"):
+                    remove_orphan_temporaries(folder)
+            barrier()
+            rt.log_to(run_dir)
+            if lock.removed_stale:
+                rt.logger.info(f"removed the stale lock of pid {lock.removed_stale.get('pid')} on "
+                               f"{lock.removed_stale.get('host')} (that run is gone)")
+            rt.logger.info(f"run folder {run_dir}; {len(dataset):,} images from {opts.data_path} ({dataset.layout} "
+                           f"layout, {'with' if dataset.flip else 'without'} mirrored copies); {rt.env.world_size} "
+                           f"process(es) on {rt.env.device.type}")
+            yield Run(rt=rt, run_dir=run_dir, dataset=dataset)
+        except BaseException:
+            if rt.env.is_main and created:
+                rt.close_log()
+                _remove_if_unused(run_dir)
+            raise
+        finally:
+            lock.release()
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Deletes a run folder that holds nothing but the log and lock of a run that failed at its start."""
+    leftovers = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if leftovers <= {"log.txt", RunLock.NAME, "checkpoints"} and not any((run_dir / "checkpoints").glob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def total_steps(args: TrainingOptions, dataset: FeatureDataset) -> int:
@@ -88,9 +140,14 @@ def train_config(args: TrainingOptions, run: Run, steps: int) -> TrainConfig:
 
 
 def run_settings(args, **resolved) -> dict:
-    """The run's settings (an options dataclass) as JSON values: compared when a run is resumed, stored in its files."""
+    """The run's settings (an options dataclass) as JSON values: compared when a run is resumed, stored in its
+    files. Each input path also gets KEY@content, what it holds (tinyfusion.paths.content_identity): a resume
+    compares that, not the path's spelling."""
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()
                 if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    for key in CONTENT_SETTINGS:
+        if settings.get(key):
+            settings[key + CONTENT_SUFFIX] = content_identity(settings[key])
     settings.update(resolved)
     return json.loads(json.dumps(settings))
 
@@ -164,7 +221,7 @@ class DiffusionTask(Task):
 def run_train(args: TrainOptions) -> None:
     """train.py: fine-tune a (pruned) model, or train one from scratch, on a feature dataset."""
     name = Path(args.load_weight).stem if args.load_weight else (args.model or "model").replace("/", "-")
-    with start_run(args, default_prefix=f"{name}-train") as run:
+    with start_run(args, default_prefix=f"{name}-train", outputs={"--save-model": args.save_model}) as run:
         loaded = model_for_training(args, run.dataset, run.logger)
         model = loaded.model.to(run.env.device)
         if args.grad_checkpointing:

@@ -14,7 +14,7 @@ from .classifier import (
     save_feature_extractor,
     train_classifier,
 )
-from .extractors import FEATURE_KINDS, FeatureExtractor, extract_features, match_channels
+from .extractors import FEATURE_KINDS, FeatureExtractor, embed_images, match_channels
 from .images import ArrayImages, FolderImages, ImageSet, NpzImages, open_images, split_halves
 from .inception import (
     INCEPTION_FILENAME,
@@ -39,7 +39,7 @@ from .pipeline import (
 __all__ = [
     "FEATURE_EXTRACTORS", "FEATURE_KINDS", "INCEPTION_FILENAME", "INCEPTION_URL", "METRICS", "ArrayImages",
     "FIDStatistics", "FeatureExtractor", "FolderImages", "ImageSet", "InceptionV3Features", "NpzImages",
-    "SmallClassifier", "classifier_accuracy", "default_inception_path", "evaluate", "evaluate_many", "extract_features",
+    "SmallClassifier", "classifier_accuracy", "default_inception_path", "evaluate", "evaluate_many", "embed_images",
     "fid_statistics", "format_results", "frechet_distance", "inception_score", "load_extractor",
     "load_feature_extractor", "load_inception", "match_channels", "metric_label", "open_images",
     "precision_recall", "resolve_device", "resolve_inception_weights", "save_feature_extractor", "softmax",

@@ -68,8 +68,8 @@ def full_fp32() -> Iterator[None]:
 
 
 @torch.inference_mode()
-def extract_features(images: ImageSet, extractor: FeatureExtractor, *, batch_size: int = 64,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
+def embed_images(images: ImageSet, extractor: FeatureExtractor, *, batch_size: int = 64,
+                 device: str | torch.device = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
     """Runs `extractor` over every image of a set, in batches.
 
     Args:
@@ -105,4 +105,4 @@ def extract_features(images: ImageSet, extractor: FeatureExtractor, *, batch_siz
     return {kind: np.concatenate(parts) for kind, parts in out.items()}
 
 
-__all__ = ["FEATURE_KINDS", "FeatureExtractor", "extract_features", "full_fp32", "match_channels"]
+__all__ = ["FEATURE_KINDS", "FeatureExtractor", "embed_images", "full_fp32", "match_channels"]

@@ -15,17 +15,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
+from ..images import IMAGE_EXTENSIONS, load_image
 from .metrics import FIDStatistics
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # The statistics keys of ADM's reference batches: which features they describe.
 STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
 _EXPECTED = "arr_0: uint8 images of shape N x H x W x 3 (values 0-255), as np.savez(path, arr_0=images) writes"
-# What PIL raises on a file it cannot decode: unknown or truncated data (OSError, including
-# UnidentifiedImageError), malformed headers (SyntaxError, ValueError), or a decompression bomb.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ImageSet:
@@ -200,31 +196,24 @@ def _read_stats(path: Path, keys: list[str]) -> dict[str, FIDStatistics]:
 #################################################################################
 
 class FolderImages(ImageSet):
-    """The PNG and JPEG files under a folder (recursively, in sorted path order), as RGB; all of one size."""
+    """The image files under a folder (recursively, in sorted path order; the extensions of
+    `tinyfusion.images.IMAGE_EXTENSIONS`, as image-folder extraction accepts), as RGB; all of one size."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise ValueError(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
-        width, height = self._open(files[0]).size
+        width, height = load_image(files[0]).size
         super().__init__(str(path), len(files), (height, width, 3))
         self.files = files
-
-    @staticmethod
-    def _open(file: Path) -> Image.Image:
-        try:
-            with Image.open(file) as image:
-                return image.convert("RGB")
-        except _DECODE_ERRORS as e:
-            raise ValueError(f"cannot read image {file}: {e}") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         height, width, _ = self.image_shape
         for start in range(0, self.num_images, batch_size):
             batch = []
             for file in self.files[start:start + batch_size]:
-                image = self._open(file)
+                image = load_image(file)
                 if image.size != (width, height):
                     raise ValueError(f"{file} is {image.size[0]}x{image.size[1]}, but {self.files[0]} is "
                                      f"{width}x{height}: the images of a folder must all have one size")

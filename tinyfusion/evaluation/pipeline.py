@@ -14,7 +14,7 @@ import torch
 
 from ..fileio import atomic_write_json
 from .classifier import load_feature_extractor
-from .extractors import FeatureExtractor, extract_features
+from .extractors import FeatureExtractor, embed_images
 from .images import STATS_KEYS, ImageSet, open_images
 from .inception import InceptionV3Features, load_inception
 from .metrics import (
@@ -139,7 +139,7 @@ def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
     if ref_set.num_images == 0 and not ref_stats:
         raise ValueError(f"{ref_set.name} holds no images (arr_0), and its precomputed statistics cannot be used "
                          f"with {extractor.name} features (see the note above): give a reference with images")
-    ref_features = (extract_features(ref_set, extractor, batch_size=batch_size, device=device, progress=progress)
+    ref_features = (embed_images(ref_set, extractor, batch_size=batch_size, device=device, progress=progress)
                     if ref_set.num_images else None)
     references: dict[str, tuple[FIDStatistics, str]] = {}
     for kind in ("pool", "spatial"):
@@ -157,7 +157,7 @@ def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
             if log is not None:
                 log(message)
 
-        sample_features = extract_features(sample_set, extractor, batch_size=batch_size, device=device,
+        sample_features = embed_images(sample_set, extractor, batch_size=batch_size, device=device,
                                            progress=progress)
         metrics = {"inception_score": inception_score(softmax(sample_features["logits"]), split_size)}
         statistics = {}
