@@ -100,7 +100,8 @@ def main(args) -> dict:
             prune[f"confidence_{nproc}proc"] = [round(c, 6) for c in decision["confidence"]]
         results["prune_by_learning.py"] = prune
 
-    print(f"{args.steps} steps, global batch {args.batch_size}, 1 vs 2 processes (CPU, gloo), torch {torch.__version__}")
+    print(f"{args.steps} steps, global batch {args.batch_size}, 1 vs 2 processes (CPU, gloo), "
+          f"torch {torch.__version__}")
     for script, r in results.items():
         print(f"{script}: max |param diff| {r['max_abs_param_diff']:.3g} (relative {r['max_rel_param_diff']:.3g}), "
               f"max |loss diff| {r['max_loss_diff']:.3g}"

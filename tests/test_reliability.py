@@ -349,3 +349,11 @@ def test_killed_anywhere_the_resumed_run_ends_bitwise_equal_and_no_checkpoint_is
     assert not list(run.rglob("*.tmp")) and not (run / RunLock.NAME).exists()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_num_workers_default_to_what_the_machine_has():
+    import train
+    from tinyfusion.distributed import default_num_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert train.parse_args(["--data-path", "x"]).num_workers == default_num_workers() == max(0, min(8, cores - 1))

@@ -43,7 +43,7 @@ from models import ARCHITECTURES, registry_spec
 
 from .distributed import DistEnv, barrier
 from .features import FeatureIndex, SeedPurpose, derive_seed, shard_done, write_index, write_shard
-from .fileio import atomic_write_json, setting_differences
+from .fileio import atomic_write_json, remove_orphan_temporaries, setting_differences
 from .images import CroppedImages, ImageList
 from .precision import autocast
 from .vae import HUB_VAES, LatentCodec
@@ -177,6 +177,7 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
     _check_folder(root, source)
     if env.is_main:
         atomic_write_json(root / PLAN_FILE, {"format": PLAN_FORMAT, "source": source})
+        remove_orphan_temporaries(root / "shards")  # of an interrupted run's writes
     barrier()
 
     ranges = shard_ranges(len(images), shard_size)

@@ -42,7 +42,7 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model
 from .distributed import DistEnv, barrier, broadcast_object
 from .features import SeedPurpose, derive_seed
-from .fileio import atomic_write, atomic_write_json, setting_differences
+from .fileio import atomic_write, atomic_write_json, remove_orphan_temporaries, setting_differences
 from .options import SampleGridOptions, SampleSetOptions, SamplingOptions
 from .paths import check_outputs, file_sha256
 from .precision import PRECISIONS, autocast
@@ -350,6 +350,7 @@ def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
         ValueError: the folder holds parts of another protocol, or parts with no protocol.
     """
     record = run_dir / "protocol.json"
+    remove_orphan_temporaries(_part_path(run_dir, 0).parent)  # of an interrupted run's writes
     done = {b for b in range(num_batches) if _part_path(run_dir, b).is_file()}
     if record.is_file():
         recorded = json.loads(record.read_text())
