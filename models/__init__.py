@@ -19,6 +19,7 @@ from .registry import (
     register_family,
     registry_spec,
 )
+from .sit import SiT, SiT_models
 from .stacks import (
     BlockRecorder,
     block_stacks,
@@ -42,11 +43,22 @@ register_family(DiT, DiT_models, {
     "DiT-D14-1-2": ("DiT-D14/2", "7x1:2"),
     "DiT-D14-2-4": ("DiT-D14/2", "3x2:4,1:2"),
 })
-# Users know DiT_models from the official code; it lists DiT's gated presets too.
-DiT_models.update({name: MODELS[name] for name, (base, _) in GATED_PRESETS.items() if base in DiT_models})
+# SiT: DiT's network on the flow-matching transport; TinyFusion's SiT presets mirror DiT's.
+register_family(SiT, SiT_models, {
+    "SiT-XL-1-2": ("SiT-XL/2", "14x1:2"),
+    "SiT-XL-2-4": ("SiT-XL/2", "7x2:4"),
+    "SiT-XL-7-14": ("SiT-XL/2", "2x7:14"),
+    "SiT-XL-1-4": ("SiT-XL/2", "7x1:4"),
+    "SiT-D14-1-2": ("SiT-D14/2", "7x1:2"),
+    "SiT-D14-2-4": ("SiT-D14/2", "3x2:4,1:2"),
+})
+# Users know DiT_models and SiT_models from the official code; they list the gated presets too.
+for _registry in (DiT_models, SiT_models):
+    _registry.update({name: MODELS[name] for name, (base, _) in GATED_PRESETS.items() if base in _registry})
 
 __all__ = [
     "ARCHITECTURES", "BlockRecorder", "DiT", "DiT_models", "GATED_PRESETS", "GatedModel", "KNOWN_NUM_HEADS",
+    "SiT", "SiT_models",
     "LayerGates", "MODELS", "block_stacks", "build_architecture", "compose_kept_indices", "create_model",
     "flat_blocks", "format_groups", "join_indices", "split_indices", "kept_depth", "layer_map", "parse_groups",
     "parse_stack_groups",

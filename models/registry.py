@@ -53,7 +53,12 @@ def build_architecture(arch: str, config: dict) -> nn.Module:
 
 
 def registry_spec(name: str) -> tuple[str, dict, str | None]:
-    """What a registry name fixes: (architecture, constructor fields, N:M groups or None)."""
+    """What a registry name fixes: (architecture, constructor fields, N:M groups or None).
+
+    A family's name alone ("DiT", "SiT") fixes the family and no size: for a bare state dict of a size
+    the registry does not list (its sizes then come from the tensor shapes)."""
+    if name in ARCHITECTURES:
+        return name, {}, None
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     groups = None
@@ -62,6 +67,6 @@ def registry_spec(name: str) -> tuple[str, dict, str | None]:
     return MODELS[name].arch, dict(MODELS[name].fixed), groups
 
 
-def plain_names() -> list[str]:
-    """The registry names without gates."""
-    return [name for name in MODELS if name not in GATED_PRESETS]
+def plain_names(families: bool = False) -> list[str]:
+    """The registry names without gates; with `families`, the family names alone too (see `registry_spec`)."""
+    return [name for name in MODELS if name not in GATED_PRESETS] + (list(ARCHITECTURES) if families else [])

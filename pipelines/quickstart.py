@@ -37,7 +37,13 @@ from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differenc
 from tinyfusion.sampling import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
-TEACHER_MODEL = "DiT-Nano/2"
+# The families the quickstart runs (--family): the teacher's registry name and how its samples are drawn.
+# DiT: DDIM on the Gaussian diffusion; SiT: Heun on the probability-flow ODE of the Linear velocity
+# transport (the same number of grid points; Heun calls the model twice per step).
+FAMILIES = {
+    "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"]},
+    "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"]},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +145,12 @@ class Quickstart:
         seed: the global seed of every script.
     """
 
-    def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int):
+    def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
+                 family: str = "dit"):
+        if family not in FAMILIES:
+            raise ValueError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
+        self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
         self.data_path, self.image_size = data_path, image_size
         # Wall time of each step, kept across runs: a rerun that reuses the teacher still reports its time.
         self.times_file = self.out / "step_seconds.json"
@@ -206,8 +216,9 @@ class Quickstart:
     # ----------------------------------------------------------------- the steps
 
     def settings(self) -> dict:
-        return {"budget": dataclasses.asdict(self.budget), "data_path": self.data_path, "image_size": self.image_size,
-                "seed": self.seed}
+        settings = {"budget": dataclasses.asdict(self.budget), "data_path": self.data_path,
+                    "image_size": self.image_size, "seed": self.seed}
+        return settings if self.family == "dit" else {**settings, "family": self.family}  # DiT folders stay valid
 
     def check_folder(self) -> None:
         """Records the run's settings in the folder, or refuses a folder made with other ones."""
@@ -282,7 +293,7 @@ class Quickstart:
     def train_teacher(self) -> Path:
         b = self.budget
         teacher = self.path("models", "teacher.pt")
-        self.script("teacher", ["train.py", "--model", TEACHER_MODEL, *self._train_args(
+        self.script("teacher", ["train.py", "--model", self.teacher_model, *self._train_args(
             "teacher", b.teacher_steps, b.teacher_lr), "--warmup-steps", str(min(100, b.teacher_steps // 10)),
                                 "--save-model", str(teacher)], distributed=True, output=teacher)
         return teacher
@@ -338,9 +349,9 @@ class Quickstart:
         b = self.budget
         npz = self.path("samples", f"{name}.npz")
         self.script(f"sample-{name}", ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples",
-                                       str(b.num_samples), "--per-proc-batch-size", "128", "--sampler", "ddim",
-                                       "--num-sampling-steps", str(b.sampling_steps), "--cfg-scale",
-                                       str(b.cfg_scale),
+                                       str(b.num_samples), "--per-proc-batch-size", "128",
+                                       *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
+                                       str(b.sampling_steps), "--cfg-scale", str(b.cfg_scale),
                                        "--global-seed", str(self.seed), "--sample-dir",
                                        str(self.path("samples", "parts")), "--npz", str(npz)], distributed=True,
                     output=npz)
@@ -396,7 +407,7 @@ class Quickstart:
                     "kept": (loaded.lineage or {}).get("kept_indices"),
                     "seconds": sum(self.times.get(t, 0.0) for t in times)}
 
-        rows.append(row("teacher", f"{TEACHER_MODEL} from scratch, {self.budget.teacher_steps} steps", "teacher",
+        rows.append(row("teacher", f"{self.teacher_model} from scratch, {self.budget.teacher_steps} steps", "teacher",
                         None, ["teacher"]))
         rows.append(row("teacher + recovery budget", "ceiling: the teacher trained as long as each recovery",
                         "teacher", "teacher+train", ["ceiling"]))
@@ -446,6 +457,12 @@ def _grid(npz: Path, png: Path, per_class: int = 8, max_classes: int = 10, min_s
     save_grid(picked, png, nrow=per_class, min_side=min_side, pad_value=0.5)
 
 
+def default_out(family: str, fast: bool) -> str:
+    """results/quickstart, with -sit for the SiT family and -fast for --fast: a fast run never lands in
+    (and is never refused by) the folder of a full one."""
+    return "results/quickstart" + ("" if family == "dit" else f"-{family}") + ("-fast" if fast else "")
+
+
 def run_quickstart(args: argparse.Namespace) -> dict:
     """quickstart.py."""
     budget = FAST if args.fast else DEFAULT
@@ -453,7 +470,8 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     nproc = args.nproc if args.nproc is not None else (1 if args.fast else 2)
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
-    quickstart = Quickstart(Path(args.out), budget, nproc, args.data_path, args.image_size, args.seed)
+    out = args.out or default_out(args.family, args.fast)
+    quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family)
     start = time.time()
     try:
         result = quickstart.run()
@@ -461,6 +479,6 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         print(f"\n{e}", file=sys.stderr)
         raise SystemExit(1) from None
     print("\n" + format_report(result))
-    print(f"quickstart finished in {time.time() - start:.0f} s; results in {args.out}/results.md, grids in "
-          f"{args.out}/grids, decision plots in {args.out}/decisions-*.png")
+    print(f"quickstart finished in {time.time() - start:.0f} s; results in {out}/results.md, grids in "
+          f"{out}/grids, decision plots in {out}/decisions-*.png")
     return result

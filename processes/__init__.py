@@ -5,7 +5,7 @@ internals. Everything else builds a process from the record a checkpoint stores,
 `create_process`, and talks to it through the protocol.
 """
 
-from . import gaussian  # noqa: F401  (registers "gaussian")
+from . import flow, gaussian  # noqa: F401  (register "transport" and "gaussian")
 from .base import (
     Cond,
     Draws,
@@ -17,9 +17,10 @@ from .base import (
     process_names,
     register_process,
 )
+from .flow import TransportProcess
 from .gaussian import GaussianProcess
 
 __all__ = [
-    "Cond", "Draws", "GaussianProcess", "NoiseProcess", "Prediction", "TimeDomain", "all_samplers",
+    "Cond", "Draws", "GaussianProcess", "NoiseProcess", "Prediction", "TimeDomain", "TransportProcess", "all_samplers",
     "create_process", "process_names", "register_process",
 ]

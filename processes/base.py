@@ -66,6 +66,8 @@ class NoiseProcess(abc.ABC):
     name: str = ""
     samplers: tuple[str, ...] = ()
     default_steps: dict[str, int] = {}
+    # Per sampler, the options it takes (e.g. the ODE's solver and tolerances) and their defaults.
+    sampler_options: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ description
 
@@ -114,10 +116,28 @@ class NoiseProcess(abc.ABC):
         if num_steps < 1:
             raise ValueError(f"--num-sampling-steps must be at least 1, got {num_steps}")
 
+    def resolve_options(self, sampler: str, options: dict | None) -> dict:
+        """The options of `sampler` with its defaults filled in (None values count as not given).
+
+        Raises:
+            ValueError: an option the sampler does not take, named as its flag.
+        """
+        defaults = self.sampler_options.get(sampler, {})
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            takes = ", ".join("--" + k.replace("_", "-") for k in defaults) or "no options"
+            raise ValueError(f"{flags}: not an option of the {self.name} process's {sampler!r} sampler (it takes "
+                             f"{takes}); drop it")
+        return {**defaults, **given}
+
     @abc.abstractmethod
     def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
-               generators: Sequence[torch.Generator], progress: bool = False) -> torch.Tensor:
-        """Samples from noise with `denoise(x, t, **cond)`; image i draws step noise from generators[i]."""
+               generators: Sequence[torch.Generator], progress: bool = False,
+               options: dict | None = None) -> torch.Tensor:
+        """Samples from noise with `denoise(x, t, **cond)`; image i draws step noise from generators[i].
+        `options` are the sampler's (see `sampler_options`; `resolve_options` fills the defaults)."""
 
 
 #################################################################################

@@ -101,8 +101,10 @@ class GaussianProcess(NoiseProcess):
                              f"respaced from), got {num_steps}")
 
     def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
-               generators: Sequence[torch.Generator], progress: bool = False) -> torch.Tensor:
+               generators: Sequence[torch.Generator], progress: bool = False,
+               options: dict | None = None) -> torch.Tensor:
         self.check_sampler(sampler, num_steps)
+        self.resolve_options(sampler, options)  # the Gaussian samplers take none: refuses any given
         if sampler == "dpm++":
             return self._dpm_solver(denoise, noise, cond, num_steps, progress)
         diffusion = self._diffusion(str(num_steps))

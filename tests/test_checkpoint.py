@@ -23,7 +23,7 @@ def _same_weights(a, b):
 def test_plain_state_dict_round_trip(tmp_path):
     model = tiny_dit()
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    loaded = load_model(tmp_path / "plain.pt", num_heads=2)
+    loaded = load_model(tmp_path / "plain.pt", "DiT", num_heads=2)
     assert loaded.weights == "plain" and loaded.lineage is None
     assert loaded.config == model.config
     _same_weights(loaded.model, model)
@@ -36,10 +36,10 @@ def test_training_checkpoint_prefers_ema_and_allows_args_namespace(tmp_path):
             "ema": ema.state_dict(), "opt": opt.state_dict(), "args": argparse.Namespace(model="DiT-S/2", lr=1e-4),
             "train_steps": 7}
     torch.save(ckpt, tmp_path / "train.pt")
-    loaded = load_model(tmp_path / "train.pt", num_heads=2)
+    loaded = load_model(tmp_path / "train.pt", "DiT", num_heads=2)
     assert loaded.weights == "ema" and loaded.extra["args"]["lr"] == 1e-4
     _same_weights(loaded.model, ema)
-    loaded = load_model(tmp_path / "train.pt", num_heads=2, weights="model")  # module. prefix stripped
+    loaded = load_model(tmp_path / "train.pt", "DiT", num_heads=2, weights="model")  # module. prefix stripped
     assert loaded.weights == "model"
     _same_weights(loaded.model, model)
 
@@ -47,14 +47,14 @@ def test_training_checkpoint_prefers_ema_and_allows_args_namespace(tmp_path):
 def test_compiled_model_prefix_is_stripped(tmp_path):
     model = tiny_dit()
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "c.pt")
-    _same_weights(load_model(tmp_path / "c.pt", num_heads=2).model, model)
+    _same_weights(load_model(tmp_path / "c.pt", "DiT", num_heads=2).model, model)
 
 
 def test_tinyfusion_pruned_file_with_gate_tensors(tmp_path):
     pruned = prune_depth(tiny_dit(), [0, 3])
     sd = dict(pruned.state_dict(), **{"gumbel_gates.0": torch.zeros(1, 2), "options.0": torch.eye(2)})
     torch.save(sd, tmp_path / "tf.pt")
-    loaded = load_model(tmp_path / "tf.pt", num_heads=2)
+    loaded = load_model(tmp_path / "tf.pt", "DiT", num_heads=2)
     assert loaded.config["depth"] == 2 and loaded.extra["ignored_keys"] == ["gumbel_gates.0", "options.0"]
     _same_weights(loaded.model, pruned)
 
@@ -63,7 +63,7 @@ def test_tinyfusion_pruned_file_with_gate_tensors(tmp_path):
 def test_self_describing_round_trip_with_lineage(tmp_path, suffix):
     source = tiny_dit()
     torch.save(source.state_dict(), tmp_path / "source.pt")
-    src = load_model(tmp_path / "source.pt", num_heads=2)
+    src = load_model(tmp_path / "source.pt", "DiT", num_heads=2)
     pruned = prune_depth(src.model, [1, 3])
     lineage = pruned_lineage(src, [1, 3], method="index")
     save_model(tmp_path / f"pruned{suffix}", pruned, lineage=lineage, extra={"note": "x"})
@@ -81,7 +81,7 @@ def test_self_describing_round_trip_with_lineage(tmp_path, suffix):
 def test_plain_safetensors(tmp_path):
     model = tiny_dit()
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    _same_weights(load_model(tmp_path / "w.safetensors", num_heads=2).model, model)
+    _same_weights(load_model(tmp_path / "w.safetensors", "DiT", num_heads=2).model, model)
 
 
 def test_saved_ema_is_preferred(tmp_path):
@@ -157,7 +157,7 @@ def test_missing_and_truncated_files(tmp_path):
     data = (tmp_path / "w.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="is not a checkpoint: it is a truncated zip archive"):
-        load_model(tmp_path / "cut.pt", num_heads=2)
+        load_model(tmp_path / "cut.pt", "DiT", num_heads=2)
 
 
 def test_weights_that_do_not_fit_are_explained(tmp_path):

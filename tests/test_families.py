@@ -128,7 +128,7 @@ class ToyFlow(NoiseProcess):
     def distillation_loss(self, student, teacher):
         return ((student.output - teacher.output.detach()) ** 2).flatten(1).mean(1)
 
-    def sample(self, denoise, noise, cond, *, sampler, num_steps, generators, progress=False):
+    def sample(self, denoise, noise, cond, *, sampler, num_steps, generators, progress=False, options=None):
         self.check_sampler(sampler, num_steps)
         x = noise
         for i in range(num_steps):
@@ -302,6 +302,31 @@ class TestDiTContract(ModelContract):
     def inputs(self, model):
         g = torch.Generator().manual_seed(1)
         return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700]), torch.tensor([1, 5])
+
+
+class TestSiTContract(ModelContract):
+    def tiny(self, seed: int = 0) -> nn.Module:
+        from helpers import tiny_sit
+        return tiny_sit(seed=seed)
+
+    def inputs(self, model):
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.3, 0.9]), torch.tensor([1, 5])
+
+    def test_a_dit_file_loads_as_sit_and_a_bare_one_needs_model(self, tmp_path):
+        from models import create_model
+
+        dit = create_model("DiT-Nano/2", input_size=8, num_classes=10)
+        save_model(tmp_path / "dit.pt", dit)
+        as_sit = load_model(tmp_path / "dit.pt", "SiT-Nano/2")
+        assert as_sit.arch == "SiT" and as_sit.process["name"] == "transport"  # DiT's process does not carry over
+        save_model(tmp_path / "sit.pt", as_sit.model, process=as_sit.process)
+        assert load_model(tmp_path / "sit.pt").arch == "SiT"
+        torch.save(dit.state_dict(), tmp_path / "bare.pt")
+        with pytest.raises(ValueError, match="fits several families .*--model"):
+            load_model(tmp_path / "bare.pt")
+        assert load_model(tmp_path / "bare.pt", "SiT-Nano/2").arch == "SiT"
+        assert load_model(tmp_path / "bare.pt", "DiT-Nano/2").arch == "DiT"
 
 
 def test_every_registered_family_has_a_contract_test():

@@ -94,7 +94,7 @@ def test_a_data_path_without_features_is_refused(planted, tmp_path):
 
 def test_bi_scores_reproduce_the_reference(reference):
     e = reference["expected"]
-    model = load_model(reference["ckpt"], num_heads=4).model
+    model = load_model(reference["ckpt"], "DiT", num_heads=4).model
     sums, count = block_influence(model, [(e["x"], e["t"], e["y"])])
     torch.testing.assert_close((sums / count).float(), e["bi_score_1_minus_cos"], atol=1e-5, rtol=0)
 
@@ -147,8 +147,8 @@ def test_select_kept():
 def test_prune_by_index_reproduces_the_reference(reference, tmp_path):
     e = reference["expected"]
     out = tmp_path / "pruned.pt"
-    run_cli(["prune_by_index.py", "--ckpt", str(reference["ckpt"]), "--num-heads", "4", "--kept-indices",
-             "[0,", "2]", "--save-model", str(out)])
+    run_cli(["prune_by_index.py", "--ckpt", str(reference["ckpt"]), "--model", "DiT", "--num-heads", "4",
+             "--kept-indices", "[0,", "2]", "--save-model", str(out)])
     model = load_model(out).model
     with torch.no_grad():
         torch.testing.assert_close(model(e["x"], e["t"], e["y"]), e["pruned_forward"], atol=1e-5, rtol=0)

@@ -11,11 +11,11 @@ ATOL = 1e-5
 
 
 def _model(reference):
-    return load_model(reference["ckpt"], num_heads=reference["config"]["model_config"]["num_heads"]).model
+    return load_model(reference["ckpt"], "DiT", num_heads=reference["config"]["model_config"]["num_heads"]).model
 
 
 def test_loader_infers_reference_architecture(reference):
-    loaded = load_model(reference["ckpt"], num_heads=4)
+    loaded = load_model(reference["ckpt"], "DiT", num_heads=4)
     assert loaded.weights == "plain"
     config = reference["config"]["model_config"]
     widths = [{"num_heads": config["num_heads"], "head_dim": config["hidden_size"] // config["num_heads"],

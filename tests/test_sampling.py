@@ -165,8 +165,11 @@ def test_sample_py_self_describing_and_plain_checkpoints(tmp_path):
     # A 10-class model: the default labels are its first eight classes.
     assert Image.open(tmp_path / "a.png").size == _grid_size(8)
 
-    torch.save(tiny_dit(**PIXEL).state_dict(), tmp_path / "official.pt")
-    run_cli(["sample.py", "--ckpt", str(tmp_path / "official.pt"), "--num-heads", "2", *STEPS, "--sampler", "ddim",
+    torch.save(tiny_dit(**PIXEL).state_dict(), tmp_path / "official.pt")  # bare: DiT and SiT share its layout
+    proc = run_cli(["sample.py", "--ckpt", str(tmp_path / "official.pt"), "--num-heads", "2"], check=False)
+    assert proc.returncode == 2 and "fits several families (DiT, SiT)" in proc.stderr
+    run_cli(["sample.py", "--ckpt", str(tmp_path / "official.pt"), "--model", "DiT", "--num-heads", "2", *STEPS,
+             "--sampler", "ddim",
              "--class-labels", "1", "2", "9", "--cfg-scale", "1.5", "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "b.png").size == _grid_size(3)
 
@@ -272,7 +275,7 @@ def test_a_pixel_checkpoint_samples_from_the_file_alone_without_network(tmp_path
     save_model(tmp_path / "pixels.pt", model, codec=codec_record("none", 1.0))
     torch.save(model.state_dict(), tmp_path / "legacy.pt")  # records nothing: 3 channels read as pixels
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{guard}"}
-    for ckpt, extra in (("pixels.pt", []), ("legacy.pt", ["--num-heads", "2"])):
+    for ckpt, extra in (("pixels.pt", []), ("legacy.pt", ["--model", "DiT", "--num-heads", "2"])):
         out = tmp_path / f"{ckpt}.png"
         proc = run_cli(["sample.py", "--ckpt", str(tmp_path / ckpt), *extra, "--num-sampling-steps", "2",
                         "--device", "cpu", "--class-labels", "1", "2", "--out", str(out)], env=env)

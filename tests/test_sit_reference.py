@@ -97,8 +97,10 @@ def test_sit_without_learned_sigma_returns_every_channel():
 
 def test_registry_mirrors_dit():
     sized = {name: f for name, f in DiT_models.items() if hasattr(f, "fixed")}
-    assert set(SiT_models) == {"SiT" + name[len("DiT"):] for name in sized}
-    for name, factory in SiT_models.items():
+    sit_sized = {name: f for name, f in SiT_models.items() if hasattr(f, "fixed")}
+    assert set(sit_sized) == {"SiT" + name[len("DiT"):] for name in sized}
+    assert {"SiT-XL-1-2", "SiT-XL-2-4", "SiT-XL-7-14", "SiT-D14-1-2"} <= set(SiT_models)  # gated presets
+    for name, factory in sit_sized.items():
         assert factory.fixed == sized["DiT" + name[len("SiT"):]].fixed
     assert {"SiT-XL/2", "SiT-L/2", "SiT-B/2", "SiT-S/2", "SiT-S/4", "SiT-S/8", "SiT-D19/2", "SiT-D14/2",
             "SiT-D7/2", "SiT-Nano/2", "SiT-Ti/2"} <= set(SiT_models)

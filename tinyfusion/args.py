@@ -12,8 +12,9 @@ import os
 import sys
 from typing import TypeVar
 
-from models import MODELS, plain_names
+from models import ARCHITECTURES, MODELS, plain_names
 from processes import all_samplers
+from transport import DIFFUSION_FORMS
 
 from .distributed import default_num_workers
 from .precision import PRECISIONS
@@ -93,11 +94,12 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str 
 def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt", ckpt_required: bool = False,
                    allow_gated: bool = False) -> None:
     """--model (a registry name), the checkpoint flag, --weights and --num-heads."""
-    choices = list(MODELS) if allow_gated else plain_names()
+    choices = (list(MODELS) + list(ARCHITECTURES)) if allow_gated else plain_names(families=True)
     group = parser.add_argument_group("model")
     group.add_argument("--model", choices=choices, default=None, metavar="NAME",
-                       help="registry model; optional when the checkpoint describes itself. "
-                            f"Choices: {', '.join(choices)}")
+                       help="registry model; optional when the checkpoint describes itself, required for a bare "
+                            "state dict (official DiT and SiT files share one layout). A family name alone (DiT, "
+                            f"SiT) takes the sizes from the weights. Choices: {', '.join(choices)}")
     group.add_argument(ckpt_flag, type=str, required=ckpt_required, default=None,
                        help="checkpoint: official DiT weights, a training checkpoint, a TinyFusion or "
                             "toolkit file, or .safetensors")
@@ -117,7 +119,21 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
                        help="steps of the sampler; None: the sampler's default (Gaussian: ddpm and ddim 250, dpm++ 20)")
     group.add_argument("--sampler", choices=all_samplers(), default=None,
                        help="a sampler of the model's noise process; None: its first. Gaussian (DiT): ddpm "
-                            "(ancestral), ddim (eta 0), dpm++ (diffusers' DPM-Solver++ 2M)")
+                            "(ancestral), ddim (eta 0), dpm++ (diffusers' DPM-Solver++ 2M); transport (SiT): ode "
+                            "(probability flow), sde")
+    group = parser.add_argument_group("transport samplers (SiT); unset: the official defaults")
+    group.add_argument("--sampling-method", type=str, default=None,
+                       help="ode: dopri5 (adaptive, default), euler, heun, or another torchdiffeq method; "
+                            "sde: Euler (default) or Heun")
+    group.add_argument("--atol", type=float, default=None, help="ode: absolute tolerance of adaptive methods (1e-6)")
+    group.add_argument("--rtol", type=float, default=None, help="ode: relative tolerance of adaptive methods (1e-3)")
+    group.add_argument("--diffusion-form", type=str, default=None,
+                       choices=list(DIFFUSION_FORMS),
+                       help="sde: the diffusion coefficient w_t (SBDM)")
+    group.add_argument("--diffusion-norm", type=float, default=None, help="sde: scale of w_t (1.0)")
+    group.add_argument("--last-step", type=str, default=None, choices=["Mean", "Tweedie", "Euler", "None"],
+                       help="sde: the noiseless last step (Mean)")
+    group.add_argument("--last-step-size", type=float, default=None, help="sde: size of the last step (0.04)")
     group.add_argument("--vae", type=str, default="auto",
                        help="auto (the codec the checkpoint records; for files that record none, SD-VAE ema for "
                             "4 channels and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local diffusers "

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from models import (
     ARCHITECTURES,
+    MODELS,
     GatedModel,
     build_architecture,
     compose_kept_indices,
@@ -395,6 +396,10 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     ignored = sorted(k for k in state_dict if _GATE_KEY.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
 
+    if model_name is None and not is_self_describing(obj) and isinstance(obj.get("args"), argparse.Namespace) \
+            and getattr(obj["args"], "model", None) in MODELS:
+        # A DiT / SiT / TinyFusion training checkpoint names its model: its family decides (sizes: the weights).
+        model_name = registry_spec(obj["args"].model)[0]
     arch_of_name, fixed, preset_groups = registry_spec(model_name) if model_name else (None, {}, None)
     if is_self_describing(obj):
         arch, config = obj["arch"], dict(obj["config"])

@@ -134,6 +134,18 @@ class SamplingOptions(RuntimeOptions, ModelOptions):
     num_sampling_steps: int | None = None
     sampler: str | None = None
     vae: str = "auto"
+    # Sampler options (None: the sampler's default; see processes.NoiseProcess.sampler_options).
+    sampling_method: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    diffusion_form: str | None = None
+    diffusion_norm: float | None = None
+    last_step: str | None = None
+    last_step_size: float | None = None
+
+
+SAMPLER_OPTION_FIELDS = ("sampling_method", "atol", "rtol", "diffusion_form", "diffusion_norm", "last_step",
+                         "last_step_size")
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -43,7 +43,7 @@ from .checkpoint import LoadedModel, load_model
 from .distributed import DistEnv, barrier, broadcast_object
 from .features import SeedPurpose, derive_seed
 from .fileio import atomic_write, atomic_write_json, remove_orphan_temporaries, setting_differences
-from .options import SampleGridOptions, SampleSetOptions, SamplingOptions
+from .options import SAMPLER_OPTION_FIELDS, SampleGridOptions, SampleSetOptions, SamplingOptions
 from .paths import check_outputs, file_sha256
 from .precision import PRECISIONS, autocast
 from .runtime import Runtime, bootstrap
@@ -68,6 +68,8 @@ class SamplingSpec:
         cfg_scale: classifier-free guidance scale; 1.0 runs the plain conditional model.
         guide_all_channels: guide every noise channel, not the first 3 (the official choice).
         precision: autocast of the model, "fp32", "bf16" or "fp16" (already resolved, not "auto").
+        options: the sampler's options (transport ODE: sampling_method, atol, rtol; SDE: sampling_method,
+            diffusion_form, diffusion_norm, last_step, last_step_size); `for_process` fills the defaults.
     """
 
     sampler: str = "ddpm"
@@ -75,21 +77,27 @@ class SamplingSpec:
     cfg_scale: float = 4.0
     guide_all_channels: bool = False
     precision: str = "fp32"
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
-    def for_process(cls, process: NoiseProcess, *, sampler: str | None, num_steps: int | None, **kwargs
-                    ) -> "SamplingSpec":
-        """A spec whose sampler and step count default to the process's, checked against it."""
+    def for_process(cls, process: NoiseProcess, *, sampler: str | None, num_steps: int | None,
+                    options: dict | None = None, **kwargs) -> "SamplingSpec":
+        """A spec whose sampler, step count and sampler options default to the process's, checked against it."""
         sampler = sampler or process.samplers[0]
         if sampler not in process.samplers:
-            process.check_sampler(sampler, 1)
+            process.check_sampler(sampler, 2)
         num_steps = num_steps if num_steps is not None else process.default_steps[sampler]
         process.check_sampler(sampler, num_steps)
-        return cls(sampler=sampler, num_steps=num_steps, **kwargs)
+        return cls(sampler=sampler, num_steps=num_steps, options=process.resolve_options(sampler, options), **kwargs)
+
+    def sampler_name(self) -> str:
+        """The sampler and its method when it has one ("ddpm", "ode-dopri5", "sde-Euler"), for names."""
+        method = self.options.get("sampling_method")
+        return f"{self.sampler}-{method}" if method else self.sampler
 
 
 #################################################################################
@@ -215,7 +223,7 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
     # The same starting noise for every sampler: image i starts from the same noise under each of them.
     noise = torch.stack([torch.randn(tuple(inner.data_shape), generator=g, device=device) for g in generators])
     return process.sample(_denoiser(model, spec, device), noise, dict(y=labels), sampler=spec.sampler,
-                          num_steps=spec.num_steps, generators=generators, progress=progress)
+                          num_steps=spec.num_steps, generators=generators, progress=progress, options=spec.options)
 
 
 def sample_images(model: nn.Module, process: NoiseProcess, codec: LatentCodec, labels: torch.Tensor,
@@ -259,7 +267,7 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: 
 
 def run_name(ckpt: str | os.PathLike, spec: SamplingSpec, seed: int, num_samples: int | None = None) -> str:
     """A default output name: checkpoint, sampler and steps, guidance, seed (and sample count)."""
-    name = f"{Path(ckpt).stem}-{spec.sampler}{spec.num_steps}-cfg{spec.cfg_scale:g}-seed{seed}"
+    name = f"{Path(ckpt).stem}-{spec.sampler_name()}{spec.num_steps}-cfg{spec.cfg_scale:g}-seed{seed}"
     return name if num_samples is None else f"{name}-n{num_samples}"
 
 
@@ -267,14 +275,19 @@ def run_name(ckpt: str | os.PathLike, spec: SamplingSpec, seed: int, num_samples
 #                                 sample.py: a grid                             #
 #################################################################################
 
+def sampler_options(args: SamplingOptions) -> dict:
+    """The sampler options a sampling command gave (the flags left at None are the sampler's defaults)."""
+    return {name: getattr(args, name) for name in SAMPLER_OPTION_FIELDS if getattr(args, name) is not None}
+
+
 def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProcess, LatentCodec, SamplingSpec]:
     """The model, its process and codec, and the sampling spec of a sampling script's options."""
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
                                       num_heads=args.num_heads, vae=args.vae, device=rt.env.device, logger=rt.logger)
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
-                                    cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels,
-                                    precision=rt.precision)
+                                    options=sampler_options(args), cfg_scale=args.cfg_scale,
+                                    guide_all_channels=args.guide_all_channels, precision=rt.precision)
     return loaded, process, codec, spec
 
 
@@ -324,6 +337,7 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         "checkpoint_sha256": file_sha256(loaded.path),
         "arch": loaded.arch, "model_config": config, "process": loaded.process, "lineage": loaded.lineage,
         "weights": loaded.weights, "sampler": spec.sampler, "num_sampling_steps": spec.num_steps,
+        "sampler_options": spec.options,
         "cfg_scale": spec.cfg_scale,
         "guided_channels": channels if spec.guide_all_channels else min(3, channels),
         "vae": codec.name, "image_size": size * codec.downsample,

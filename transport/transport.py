@@ -134,8 +134,14 @@ class Transport:
             x0 = drawn_x0 if x0 is None else x0
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
         pred = _call(model, xt, t, model_kwargs or {})
+        return {"loss": self.loss_from_output(pred, t, x0, xt, ut), "pred": pred}
+
+    def loss_from_output(self, pred: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
+                         ut: torch.Tensor) -> torch.Tensor:
+        """The per-sample (N,) loss of the model's output `pred` at (xt, t) on the path from noise x0, whose
+        target velocity is ut (`path_sampler.plan`): what `training_losses` computes after its model call."""
         if self.model_type == ModelType.VELOCITY:
-            return {"loss": mean_flat((pred - ut) ** 2), "pred": pred}
+            return mean_flat((pred - ut) ** 2)
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma_t, _ = self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, xt))
         if self.loss_type == WeightType.VELOCITY:
@@ -145,8 +151,8 @@ class Transport:
         else:
             weight = 1
         if self.model_type == ModelType.NOISE:
-            return {"loss": mean_flat(weight * (pred - x0) ** 2), "pred": pred}
-        return {"loss": mean_flat(weight * (pred * sigma_t + x0) ** 2), "pred": pred}
+            return mean_flat(weight * (pred - x0) ** 2)
+        return mean_flat(weight * (pred * sigma_t + x0) ** 2)
 
     def _check_times(self, t: torch.Tensor, x1: torch.Tensor) -> None:
         if t.shape != (x1.shape[0],):

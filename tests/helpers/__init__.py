@@ -21,8 +21,19 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, 
 def tiny_dit(seed: int = 0, randomize: bool = True, **overrides) -> DiT:
     """A tiny DiT; with `randomize`, the zero-initialised adaLN and output layers get random values
     so that every path of the forward pass matters."""
+    return _tiny(DiT, seed, randomize, overrides)
+
+
+def tiny_sit(seed: int = 0, randomize: bool = True, **overrides):
+    """A tiny SiT (the sizes of `tiny_dit`, learn_sigma as in the official files), randomized alike."""
+    from models import SiT
+
+    return _tiny(SiT, seed, randomize, overrides)
+
+
+def _tiny(cls, seed: int, randomize: bool, overrides: dict):
     torch.manual_seed(seed)
-    model = DiT(**{**TINY, **overrides})
+    model = cls(**{**TINY, **overrides})
     if randomize:
         with torch.no_grad():
             for name, p in model.named_parameters():
