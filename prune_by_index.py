@@ -3,7 +3,8 @@ r"""Prune a DiT to a chosen set of blocks: by index, or by a preset pattern (BK-
 Usage:
     python prune_by_index.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
         --kept-indices 0 2 4 6 8 10 12 15 17 19 21 23 25 27 --save-model outputs/pruned/DiT-D14-Oracle.pt
-    python prune_by_index.py --ckpt pretrained/DiT-XL-2-256x256.pt --preset oracle --save-model oracle.pt
+    python prune_by_index.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt --preset oracle \
+        --save-model oracle.pt
 
 The bracketed form copied from the TinyFusion README works too: --kept-indices "[0, 2, 4]".
 """

@@ -21,7 +21,9 @@ from tinyfusion.pruning import run_prune_by_learning
 def parse_args(argv=None):
     parser = Parser(__doc__)
     add_model_args(parser, ckpt_flag="--load-weight", allow_gated=True)
-    add_training_args(parser, global_batch_size=128, ema_decay=0.999)
+    add_training_args(parser, global_batch_size=128, ema_decay=None,
+                      ema_help="EMA decay of the gates, whose average gives the decision (default: from the run "
+                               "length, a window of 10%% of the steps: 0.98 for 500 steps, 0.999 for 10,000)")
     add_runtime_args(parser)
     group = parser.add_argument_group("gates")
     group.add_argument("--groups", type=str, nargs="+", default=None,
@@ -40,7 +42,9 @@ def parse_args(argv=None):
     group.add_argument("--lora-rank", type=positive_int, default=8)
     group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     group.add_argument("--lora-targets", type=str, nargs="+", default=list(DEFAULT_TARGETS),
-                       help="Linear layers of each block to adapt")
+                       help="the Linear layers LoRA adapts: all (every Linear of the model, embedders and final "
+                            "layer included, as the reference TinyFusion), blocks (those of the blocks), or layer "
+                            "names within a block (attn.qkv mlp.fc1 ...)")
     parser.add_argument("--save-model", type=str, required=True, help="where to write the pruned model")
     parser.set_defaults(epochs=None)
     return parser.parse_args(argv)

@@ -36,6 +36,9 @@ def parse_args(argv=None):
                         help="an image folder (one subfolder per class) instead of the digits")
     parser.add_argument("--image-size", type=int, default=8, help="images are center-cropped to this size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="also cut every 1:2 pattern from the teacher (16 for 8 blocks), recover each with the "
+                             "same budget, and rank every method's pick among them (about 15 minutes more)")
     return parser.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -61,7 +62,6 @@ class Budget:
     cfg_scale: float
     classifier_epochs: int
     ema_decay: float
-    prune_ema_decay: float  # the gates' EMA: its half-life a small part of the short pruning run
 
 
 # Measured on 2 CPU cores: what DiT-Nano/2 learns in a fixed time depends on the number of updates
@@ -72,10 +72,9 @@ class Budget:
 # for more training of the teacher.
 DEFAULT = Budget(teacher_steps=4000, teacher_lr=2e-3, batch_size=64, prune_steps=300, recover_steps=250,
                  recover_lr=5e-4, num_samples=898, sampling_steps=10, cfg_scale=2.0, classifier_epochs=10,
-                 ema_decay=0.995, prune_ema_decay=0.95)
+                 ema_decay=0.995)
 FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, recover_steps=8,
-              recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9,
-              prune_ema_decay=0.5)
+              recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9)
 
 # The pruning methods compared, at half depth, with the same freedom where it matters: "learned
 # 1:2" chooses one block of each pair; "learned 4:8" chooses any half of the blocks, as the
@@ -85,6 +84,27 @@ METHOD_LABELS = {
     "learned-1-2": "TinyFusion, 1:2 groups", "learned-4-8": "TinyFusion, one group over all blocks",
     "bi": "ShortGPT block influence", "loss": "loss sensitivity", "oracle": "BK-SDM oracle", "random": "random",
 }
+
+
+# TinyFusion's choices measured against each other (1:2 groups, decisions only; with --exhaustive each pick
+# is ranked among every 1:2 pattern): the weight updates (LoRA on every Linear, the default, or full
+# weights) and the gate EMA (its window from the run length, the default, or a fixed 0.999, whose window
+# of 1000 steps is longer than the run).
+ABLATIONS = {
+    "learned-1-2": ("LoRA on every Linear, gate EMA from the run length (the defaults)", ["--delta-w", "--lora"]),
+    "ablation-full": ("full weight updates, gate EMA from the run length", ["--delta-w"]),
+    "ablation-lora-blocks": ("LoRA on the blocks' Linears only", ["--delta-w", "--lora", "--lora-targets", "blocks"]),
+    "ablation-ema-0.999": ("LoRA on every Linear, gate EMA 0.999", ["--delta-w", "--lora", "--ema-decay", "0.999"]),
+}
+
+
+def one_of_each_pair(depth: int) -> list[list[int]]:
+    """Every 1:2 pattern of a model of even depth: one block of each consecutive pair (2^(depth/2) of them)."""
+    return [[2 * p + bit for p, bit in enumerate(bits)] for bits in itertools.product((0, 1), repeat=depth // 2)]
+
+
+def pattern_name(kept: list[int]) -> str:
+    return "pattern-" + "-".join(map(str, kept))
 
 
 class StepFailed(RuntimeError):
@@ -146,11 +166,12 @@ class Quickstart:
     """
 
     def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
-                 family: str = "dit"):
+                 family: str = "dit", exhaustive: bool = False):
         if family not in FAMILIES:
             raise ValueError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
         self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
+        self.exhaustive = exhaustive
         self.data_path, self.image_size = data_path, image_size
         # Wall time of each step, kept across runs: a rerun that reuses the teacher still reports its time.
         self.times_file = self.out / "step_seconds.json"
@@ -232,24 +253,53 @@ class Quickstart:
             atomic_write_json(record, self.settings())
 
     def run(self) -> dict:
-        steps = 3 + 1 + len(METHODS) + (len(METHODS) + 2) + (2 * len(METHODS) + 3) + 2
+        ablations = [name for name in ABLATIONS if name not in METHODS]
+        steps = 3 + 1 + len(METHODS) + len(ablations) + (len(METHODS) + 2) + (2 * len(METHODS) + 3) + 2
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_folder()
         self.started = time.time()
         with tqdm(total=steps, desc="quickstart", unit="step") as self._bar:
             real_a, real_b, classifier = self.prepare_data()
             teacher = self.train_teacher()
-            pruned = dict(zip(METHODS, self.together([partial(self.prune, m, teacher) for m in METHODS])))
+            self.depth = self._teacher_depth(teacher)
+            if self.exhaustive:
+                self._bar.total += 3 * len(one_of_each_pair(self.depth))
+            pruned = dict(zip([*METHODS, *ablations],
+                              self.together([partial(self.prune, m, teacher) for m in [*METHODS, *ablations]])))
             recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in METHODS}
             recovery["learned-1-2+ft"] = partial(self.finetune, "learned-1-2", pruned["learned-1-2"])
             recovery["teacher+train"] = partial(self.ceiling, teacher)
             recovered = dict(zip(recovery, self.together(list(recovery.values()))))
-            models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"), **pruned, **recovered}
+            models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"),
+                      **{m: pruned[m] for m in METHODS}, **recovered}
             samples = dict(zip(models, self.together([partial(self.sample, n, c) for n, c in models.items()])))
+            if self.exhaustive:
+                samples.update(self.every_pattern(teacher))
             fid = self.score(real_a, real_b, samples, classifier)
             latency = self.measure_latency(models)
         self._bar = None
-        return self.report(models, fid, latency)
+        return self.report(models, fid, latency, pruned)
+
+    @staticmethod
+    def _teacher_depth(teacher: Path) -> int:
+        from tinyfusion.checkpoint import load_model
+
+        return total_depth(load_model(teacher).model)
+
+    def every_pattern(self, teacher: Path) -> dict[str, Path]:
+        """--exhaustive: every 1:2 pattern cut from the teacher, recovered with the same budget, sampled."""
+        patterns = one_of_each_pair(self.depth)
+        cut = self.together([partial(self.cut, kept, teacher) for kept in patterns])
+        names = [pattern_name(kept) for kept in patterns]
+        recovered = self.together([partial(self.distill, name, path, teacher) for name, path in zip(names, cut)])
+        return dict(zip(names, self.together([partial(self.sample, f"{n}+kd", p) for n, p in zip(names, recovered)])))
+
+    def cut(self, kept: list[int], teacher: Path) -> Path:
+        out = self.path("models", f"{pattern_name(kept)}.pt")
+        self.script(f"cut-{pattern_name(kept)}", ["prune_by_index.py", "--ckpt", str(teacher), "--kept-indices",
+                                                  *map(str, kept), "--save-model", str(out)], distributed=False,
+                    output=out)
+        return out
 
     def prepare_data(self) -> tuple[Path, Path, Path]:
         from tinyfusion.evaluation import classifier_accuracy, save_feature_extractor, train_classifier
@@ -281,11 +331,13 @@ class Quickstart:
         return real_a, real_b, classifier
 
     def _train_args(self, prefix: str, steps: int, lr: float, schedule: str = "cosine",
-                    ema_decay: float | None = None) -> list[str]:
+                    weights_ema: bool = True) -> list[str]:
+        """The flags of a training script's run; `weights_ema` sets the budget's EMA decay (learned pruning
+        keeps the toolkit's gate EMA, whose window follows the run length)."""
         b = self.budget
         return ["--data-path", str(self.path("data", "features")), "--results-dir", str(self.path("runs")),
                 "--prefix", prefix, "--max-steps", str(steps), "--global-batch-size", str(b.batch_size),
-                "--lr", str(lr), "--lr-schedule", schedule, "--ema-decay", str(ema_decay or b.ema_decay),
+                "--lr", str(lr), "--lr-schedule", schedule, *(["--ema-decay", str(b.ema_decay)] if weights_ema else []),
                 "--log-every", str(max(steps // 10, 1)),
                 "--ckpt-every", str(max(steps // 2, 1)), "--num-workers", "0", "--global-seed", str(self.seed),
                 "--precision", "fp32"]
@@ -301,13 +353,13 @@ class Quickstart:
     def prune(self, method: str, teacher: Path) -> Path:
         b = self.budget
         out = self.path("models", f"{method}.pt")
-        if method.startswith("learned"):
-            groups = "4x1:2" if method == "learned-1-2" else "1x4:8"
+        if method.startswith(("learned", "ablation")):
+            groups = f"{self.depth // 8}x4:8" if method == "learned-4-8" else f"{self.depth // 2}x1:2"
+            flags = ABLATIONS.get(method, (None, ["--delta-w", "--lora"]))[1]
             self.script(f"prune-{method}", ["prune_by_learning.py", "--load-weight", str(teacher), "--groups", groups,
                                             *self._train_args(f"prune-{method}", b.prune_steps, 1e-4, "constant",
-                                                              b.prune_ema_decay),
-                                            "--delta-w", "--lora", "--save-model", str(out)], distributed=True,
-                        output=out)
+                                                              weights_ema=False),
+                                            *flags, "--save-model", str(out)], distributed=True, output=out)
             shutil.copy(self.path("runs", f"prune-{method}", "decisions.png"), self.path(f"decisions-{method}.png"))
         elif method == "oracle":
             self.script("prune-oracle", ["prune_by_index.py", "--ckpt", str(teacher), "--preset", "oracle",
@@ -316,7 +368,8 @@ class Quickstart:
             extra = [] if method == "random" else ["--data-path", str(self.path("data", "features")),
                                                    "--num-batches", "4", "--batch-size", str(b.batch_size)]
             self.script(f"prune-{method}", ["prune_by_score.py", "--ckpt", str(teacher), "--criterion", method,
-                                            "--target-depth", "4", "--global-seed", str(self.seed), *extra,
+                                            "--target-depth", str(self.depth // 2), "--global-seed", str(self.seed),
+                                            *extra,
                                             "--save-model", str(out)], distributed=True, output=out)
         return out
 
@@ -386,12 +439,25 @@ class Quickstart:
 
     # ----------------------------------------------------------------- the report
 
-    def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict]) -> dict:
-        from tinyfusion.checkpoint import load_model
+    def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict],
+               pruned: dict[str, Path]) -> dict:
+        from tinyfusion.checkpoint import load_model, read_checkpoint
         from tinyfusion.training import parameter_count
 
         def fid_of(name: str) -> float:
             return fid[name]["metrics"]["fid"]
+
+        # --exhaustive: the FID after recovery of every 1:2 pattern, and where a pick ranks among them.
+        patterns = {tuple(kept): fid_of(pattern_name(kept)) for kept in one_of_each_pair(self.depth)
+                    if pattern_name(kept) in fid} if self.exhaustive else {}
+
+        def rank(kept: list[int] | None, fid_after: float | None) -> str | None:
+            if not patterns or kept is None:
+                return None
+            score = patterns.get(tuple(kept), fid_after)
+            if score is None:
+                return None
+            return f"{1 + sum(other < score for other in patterns.values())} of {len(patterns)}"
 
         teacher_latency = latency["teacher"]["latency_ms"] / latency["teacher"]["batch"]
         rows = [{"model": "real digits (other half)" if not self.data_path else "real images (other half)",
@@ -405,6 +471,7 @@ class Quickstart:
                     "latency_ms": lat, "speedup": teacher_latency / lat,
                     "fid_before": fid_of(base) if after else None, "fid_after": fid_of(after or base),
                     "kept": (loaded.lineage or {}).get("kept_indices"),
+                    "rank": rank((loaded.lineage or {}).get("kept_indices"), fid_of(after or base)) if after else None,
                     "seconds": sum(self.times.get(t, 0.0) for t in times)}
 
         rows.append(row("teacher", f"{self.teacher_model} from scratch, {self.budget.teacher_steps} steps", "teacher",
@@ -415,8 +482,19 @@ class Quickstart:
             rows.append(row(f"{m} + masked KD", METHOD_LABELS[m], m, f"{m}+kd", [f"prune-{m}", f"kd-{m}"]))
         rows.append(row("learned-1-2 + fine-tuning", METHOD_LABELS["learned-1-2"] + ", plain fine-tuning",
                         "learned-1-2", "learned-1-2+ft", ["prune-learned-1-2", "ft-learned-1-2"]))
+        ablation = []
+        for name, (label, _) in ABLATIONS.items():
+            decision = read_checkpoint(pruned[name])["extra"]["decision"]
+            ablation.append({"name": name, "setting": label, "kept": decision["kept_indices"],
+                             "raw_kept": decision.get("raw_kept_indices"), "ema_decay": decision.get("ema_decay"),
+                             "fid_after": patterns.get(tuple(decision["kept_indices"])),
+                             "rank": rank(decision["kept_indices"], None)})
         feature_space = next(iter(fid.values()))["feature_space"]
-        result = {"rows": rows, "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
+        ordered = sorted(patterns.items(), key=lambda item: item[1])
+        result = {"rows": rows, "ablation": ablation, "fast": self.budget == FAST,
+                  "patterns": [{"kept": list(k), "fid_after": v} for k, v in ordered],
+                  "best_pattern": {"kept": list(ordered[0][0]), "fid_after": ordered[0][1]} if ordered else None,
+                  "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
                   "nproc": self.nproc, "jobs": self.jobs, "step_seconds": self.times,
                   "wall_seconds": time.time() - self.started}
         atomic_write_json(self.path("results.json"), result)
@@ -427,10 +505,16 @@ class Quickstart:
 def format_report(result: dict) -> str:
     """The results table in markdown."""
     space = result["feature_space"]
-    lines = [f"FID in the feature space of {space} (not Inception); latency per image on CPU at batch 256.", "",
-             f"| model | method | depth | params | latency/img | speedup | FID before recovery ({space}) | "
-             f"FID after recovery ({space}) | kept blocks | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if result.get("fast"):
+        lines += ["**Smoke run (--fast): tiny budgets that only check that every stage runs. Its numbers and its "
+                  "sample grids (mostly noise) say nothing about the methods; run without --fast for those.**", ""]
+    ranked = bool(result.get("patterns"))
+    lines += [f"FID in the feature space of {space} (not Inception); latency per image on CPU at batch 256.", "",
+              f"| model | method | depth | params | latency/img | speedup | FID before recovery ({space}) | "
+              f"FID after recovery ({space}) | kept blocks |" + (" rank among the 1:2 patterns |" if ranked else "")
+              + " wall time |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if ranked else "") + "---|"]
 
     def fmt(value, pattern):
         return pattern.format(value) if value is not None else ""
@@ -439,7 +523,21 @@ def format_report(result: dict) -> str:
         lines.append(" | ".join([
             f"| {r['model']}", r["method"], fmt(r.get("depth"), "{}"), fmt(r.get("params_m"), "{:.2f}M"),
             fmt(r.get("latency_ms"), "{:.3f} ms"), fmt(r.get("speedup"), "{:.2f}x"), fmt(r.get("fid_before"), "{:.2f}"),
-            fmt(r.get("fid_after"), "{:.2f}"), fmt(r.get("kept"), "{}"), fmt(r.get("seconds"), "{:.0f} s")]) + " |")
+            fmt(r.get("fid_after"), "{:.2f}"), fmt(r.get("kept"), "{}"),
+            *([fmt(r.get("rank"), "{}")] if ranked else []), fmt(r.get("seconds"), "{:.0f} s")]) + " |")
+    lines += ["", "TinyFusion's decision under each setting (1:2 groups; the EMA decision is the one saved, the raw "
+                  "gates' is what they read at the end):", "",
+              "| setting | gate EMA decay | kept (EMA) | kept (raw gates) |"
+              + (" FID after recovery | rank among the 1:2 patterns |" if ranked else ""),
+              "|---|---|---|---|" + ("---|---|" if ranked else "")]
+    for a in result.get("ablation", []):
+        lines.append(f"| {a['setting']} | {fmt(a.get('ema_decay'), '{:.4g}')} | {a['kept']} | {a.get('raw_kept')} |"
+                     + (f" {fmt(a.get('fid_after'), '{:.2f}')} | {fmt(a.get('rank'), '{}')} |" if ranked else ""))
+    if ranked:
+        best = result["best_pattern"]
+        lines += ["", f"--exhaustive: every 1:2 pattern recovered with the same budget; the best is {best['kept']} "
+                      f"(FID {best['fid_after']:.2f}). All, best first: "
+                  + ", ".join(f"{p['kept']} {p['fid_after']:.2f}" for p in result["patterns"])]
     lines += ["", "Wall time of each step (seconds): " + ", ".join(f"{k} {v:.0f}"
                                                                  for k, v in result["step_seconds"].items()),
               f"This run: {result['wall_seconds']:.0f} s wall-clock, {result['nproc']} process(es) per script, "
@@ -471,7 +569,8 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     out = args.out or default_out(args.family, args.fast)
-    quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family)
+    quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family,
+                            exhaustive=args.exhaustive)
     start = time.time()
     try:
         result = quickstart.run()

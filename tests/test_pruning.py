@@ -18,14 +18,27 @@ from tinyfusion.pruning import (
 from tinyfusion.scores import block_influence, select_kept
 
 
-def _learn(planted, tmp_path, *extra, nproc=1, prefix="run"):
+def _learn(planted, tmp_path, *extra, nproc=1, prefix="run", ema=("--ema-decay", "0.8")):
     out = tmp_path / f"{prefix}.pt"
     run_cli(["prune_by_learning.py", "--load-weight", str(planted["ckpt"]), "--groups", "3x1:2",
              "--data-path", str(planted["data"]), "--results-dir", str(tmp_path), "--prefix", prefix,
              "--max-steps", "24", "--global-batch-size", "16", "--log-every", "4", "--num-workers", "0",
-             "--ema-decay", "0.8", "--delta-w", "--lora", "--lora-rank", "2", "--save-model", str(out), *extra],
+             *ema, "--delta-w", "--lora", "--lora-rank", "2", "--save-model", str(out), *extra],
             nproc=nproc)
     return out, tmp_path / prefix
+
+
+def test_the_default_gate_ema_fits_the_run_and_its_decision_is_the_raw_gates(planted, tmp_path):
+    from tinyfusion.pruning import gate_ema_decay
+
+    assert gate_ema_decay(500) == pytest.approx(0.98) and gate_ema_decay(10_000) == pytest.approx(0.999)
+    assert gate_ema_decay(5) == 0.0 and gate_ema_decay(10 ** 7) == 0.9999
+    _, run_dir = _learn(planted, tmp_path, ema=())
+    decision = json.loads((run_dir / "decisions.json").read_text())
+    assert decision["ema_decay"] == pytest.approx(1 - 1 / 2.4)  # a window of 10% of 24 steps
+    assert decision["kept_indices"] == decision["raw_kept_indices"] == planted["essential"]
+    history = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert all({"kept_indices", "raw_kept_indices", "raw_confidence"} <= set(h) for h in history)
 
 
 def test_learned_pruning_finds_the_planted_answer_and_discards_the_updates(planted, tmp_path):

@@ -150,3 +150,11 @@ def test_prune_distill_and_sample_a_sit_on_one_and_two_processes(sit, tmp_path):
         np.testing.assert_array_equal(outputs[(sampler[1], 1)], outputs[(sampler[1], 2)])
     assert protocol["sampler_options"]["diffusion_form"] == "SBDM"
     assert not np.array_equal(outputs[("ode", 1)], outputs[("sde", 1)])
+
+    from tinyfusion.evaluation import SmallClassifier, save_feature_extractor
+    save_feature_extractor(tmp_path / "fx.pt", SmallClassifier(image_size=8, num_classes=10, width=4), name="toy")
+    np.savez(tmp_path / "ref.npz", arr_0=np.concatenate([outputs[("sde", 1)]] * 2))
+    run_cli(["evaluator.py", str(tmp_path / "ref.npz"), str(tmp_path / "ode-2.npz"), "--feature-extractor",
+             str(tmp_path / "fx.pt"), "--out", str(tmp_path / "fid.json")])
+    metrics = json.loads((tmp_path / "fid.json").read_text())["metrics"]
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0

@@ -140,8 +140,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
                             "folder, or none (pixels)")
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int, ema_decay: float,
-                      lr: float = 1e-4) -> None:
+def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int, ema_decay: float | None,
+                      lr: float = 1e-4, ema_help: str | None = None) -> None:
     """The flags of the one training loop (tinyfusion.engine), shared by the three training scripts."""
     group = parser.add_argument_group("data")
     group.add_argument("--data-path", type=str, required=True,
@@ -177,7 +177,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
     group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
-    group.add_argument("--ema-decay", type=float, default=ema_decay)
+    group.add_argument("--ema-decay", type=float, default=ema_decay, help=ema_help or "EMA decay of the weights")
 
 
 def add_recovery_args(parser: argparse.ArgumentParser) -> None:

@@ -13,11 +13,29 @@ import torch.nn as nn
 
 from models import flat_blocks
 
-# Every Linear of a DiT block: attention, MLP and the adaLN modulation.
-DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+# Every Linear of a DiT block: attention, MLP and the adaLN modulation (`--lora-targets blocks`).
+BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+# What `--lora-targets` may say besides layer names: "all" adapts every Linear of the model (the
+# embedders and the final layer too), as the reference TinyFusion does; "blocks" those of the blocks.
+TARGET_SETS = ("all", "blocks")
+DEFAULT_TARGETS = ("all",)
 
 
-def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+def lora_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """Full names of the Linear layers LoRA adapts: `targets` is ["all"] (every Linear of the model),
+    ["blocks"] (every Linear of its blocks) or names within a block (see `block_linear_names`)."""
+    targets = list(targets)
+    if targets == ["all"]:
+        return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if targets == ["blocks"]:
+        return block_linear_names(model, BLOCK_TARGETS)
+    if set(targets) & set(TARGET_SETS):
+        raise ValueError(f"--lora-targets {' '.join(targets)}: 'all' and 'blocks' stand alone; give one of them, or "
+                         "layer names within a block (e.g. attn.qkv mlp.fc1)")
+    return block_linear_names(model, targets)
+
+
+def block_linear_names(model: nn.Module, targets: Sequence[str] = BLOCK_TARGETS) -> list[str]:
     """Full names of the Linear layers inside the model's blocks (every stack) whose name within the block
     matches a target.
 
@@ -46,7 +64,7 @@ def block_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGET
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
              targets: Sequence[str] = DEFAULT_TARGETS) -> list[nn.Parameter]:
-    """Injects LoRA adapters (peft) into the block Linears, in place; returns the adapter parameters.
+    """Injects LoRA adapters (peft) into the chosen Linears, in place; returns the adapter parameters.
 
     Every other parameter of `model` is frozen. The update of a layer is (alpha / rank) * B A with
     B zero-initialised, so the model's output is unchanged until training moves B.
@@ -55,14 +73,14 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
         model: the model to adapt (modified in place).
         rank: the LoRA rank r.
         alpha: the LoRA scale numerator; 2 * rank by default, as in TinyFusion.
-        targets: which Linears of each block to adapt (see `block_linear_names`).
+        targets: which Linears to adapt (see `lora_linear_names`; default every Linear of the model).
     """
     from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
 
     if rank < 1:
         raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
-                        target_modules=block_linear_names(model, targets), bias="none")
+                        target_modules=lora_linear_names(model, targets), bias="none")
     inject_adapter_in_model(config, model)
     for p in model.parameters():
         p.requires_grad_(False)

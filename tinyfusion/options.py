@@ -90,7 +90,8 @@ class LearnedPruningOptions(TrainingOptions):
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    ema_decay: float | None = None  # None: from the run length (tinyfusion.pruning.gate_ema_decay)
     save_model: str = ""
 
 

@@ -9,6 +9,7 @@ kept blocks are cut from the ORIGINAL weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -140,6 +141,19 @@ def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
 #                                Learned pruning                                #
 #################################################################################
 
+# The gate EMA's window (1 / (1 - decay)) as a share of the run when --ema-decay is not given: long enough
+# to smooth the per-sample Gumbel noise, short enough that the decision read at the end is the gates' own,
+# not a memory of the run's first half (a decay of 0.999 over 500 steps averages two thirds of the run).
+GATE_EMA_WINDOW = 0.1
+
+
+def gate_ema_decay(steps: int) -> float:
+    """The gate EMA decay for a run of `steps` steps: a window of GATE_EMA_WINDOW of the run (at least 1 step),
+    at most 0.9999: 0.98 for 500 steps, 0.999 for 10,000."""
+    window = max(1.0, GATE_EMA_WINDOW * steps)
+    return min(1.0 - 1.0 / window, 0.9999)
+
+
 def linear_anneal(start: float, end: float, step: int, total_steps: int) -> float:
     """start -> end linearly over steps 0 .. total_steps - 1 (TinyFusion anneals tau and scaling per step)."""
     return start + (end - start) * step / max(total_steps - 1, 1)
@@ -172,8 +186,9 @@ class LearnedPruningTask(DiffusionTask):
 
     def log_fields(self, ema: nn.Module) -> dict:
         ema.gates.scaling = self.gated.gates.scaling
-        decision = ema.decisions()
+        decision, raw = ema.decisions(), self.gated.decisions()
         return {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
+                "raw_kept_indices": raw["kept_indices"], "raw_confidence": raw["confidence"],
                 "tau": self.gated.gates.tau, "scaling": self.gated.gates.scaling}
 
     def describe(self, fields: dict) -> str:
@@ -183,8 +198,8 @@ class LearnedPruningTask(DiffusionTask):
 
     def on_log(self, record: dict) -> None:
         with open(self.run_dir / "decisions.jsonl", "a") as f:
-            f.write(json.dumps({k: record[k] for k in ("step", "loss", "kept_indices", "confidence", "tau",
-                                                         "scaling")}) + "\n")
+            f.write(json.dumps({k: record[k] for k in ("step", "loss", "kept_indices", "confidence", "raw_kept_indices",
+                                                         "raw_confidence", "tau", "scaling")}) + "\n")
 
 
 def read_decision_history(path: Path) -> list[dict]:
@@ -251,7 +266,7 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
         weights: list[nn.Parameter] = []
         if args.delta_w and args.lora:
             weights = add_lora(gated.model, rank=args.lora_rank, alpha=args.lora_alpha,
-                               targets=args.lora_targets or DEFAULT_TARGETS)
+                               targets=args.lora_targets or list(DEFAULT_TARGETS))
         else:
             gated.model.requires_grad_(args.delta_w)
             weights = [p for p in gated.model.parameters() if p.requires_grad]
@@ -267,25 +282,36 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
         process = create_process(loaded.process)
         task = LearnedPruningTask(process, gated, args.tau_range, args.scaling_range, run.run_dir)
         steps = total_steps(args, run.dataset)
+        ema_decay = args.ema_decay if args.ema_decay is not None else gate_ema_decay(steps)
+        run.logger.info(f"gate EMA decay {ema_decay:.6g} (a window of {1 / (1 - ema_decay):.0f} of {steps} steps"
+                        + (", from the run length" if args.ema_decay is None else "") + ")")
         record = {"kind": "pruning", "arch": loaded.arch, "config": loaded.config, "process": loaded.process,
                   "codec": loaded.codec, "lineage": loaded.lineage,
                   "extra": {"script": "prune_by_learning.py", "groups": format_groups(groups)}}
         trainer = Trainer(
             env=run.env, model=gated, param_groups=param_groups, task=task, dataset=run.dataset,
-            config=train_config(args, run, steps), process=process,
-            settings=run_settings(args, precision=run.precision, groups=format_groups(groups)),
+            config=dataclasses.replace(train_config(args, run, steps), ema_decay=ema_decay), process=process,
+            settings=run_settings(args, precision=run.precision, groups=format_groups(groups),
+                                  ema_decay_used=ema_decay),
             logger=run.logger, record=lambda: record)
         ema = trainer.fit()
         if run.env.is_main:
             ema.gates.scaling = gated.gates.scaling
-            decision = ema.decisions()
+            decision, raw = ema.decisions(), gated.decisions()
             run.logger.info(f"decision (EMA gates): kept {decision['kept_indices']}, confidence "
                             + " ".join(f"{c:.3f}" for c in decision["confidence"]))
+            if raw["kept_indices"] != decision["kept_indices"]:
+                run.logger.warning(
+                    f"warning: the raw gates keep {raw['kept_indices']} but their EMA (decay {ema_decay:.6g}) keeps "
+                    f"{decision['kept_indices']}: the EMA still remembers earlier steps; the EMA decision is saved. "
+                    "A longer run, or a smaller --ema-decay, lets them agree")
             # The weight updates only simulated fine-tuning: the pruned model starts from the original weights.
-            original = load_model(args.load_weight, weights=args.weights, num_heads=args.num_heads)
+            original = load_model(args.load_weight, loaded.arch, weights=args.weights, num_heads=args.num_heads)
             original.process, original.codec = loaded.process, loaded.codec
             summary = {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
-                       "options": decision["options"], "groups": format_groups(groups), "steps": steps,
+                       "options": decision["options"], "raw_kept_indices": raw["kept_indices"],
+                       "raw_confidence": raw["confidence"], "ema_decay": ema_decay,
+                       "groups": format_groups(groups), "steps": steps,
                        "settings": run_settings(args, precision=run.precision)}
             save_pruned(original, decision["kept_indices"], args.save_model, "learned", run.logger,
                         extra={"decision": summary})
