@@ -21,7 +21,14 @@ import argparse
 
 from tinyfusion.args import Parser, positive_int
 from tinyfusion.cli import run_script
-from tinyfusion.evaluation import evaluate_many, format_results, load_extractor, resolve_device, write_results
+from tinyfusion.evaluation import (
+    evaluate_many,
+    format_results,
+    load_extractor,
+    open_images,
+    resolve_device,
+    write_results,
+)
 from tinyfusion.paths import check_outputs
 
 
@@ -55,9 +62,11 @@ def main(args):
     inputs = {"ref_batch": args.ref_batch, **{f"sample batch {i + 1}": p for i, p in enumerate(args.sample_batches)},
               "--inception-weights": args.inception_weights, "--feature-extractor": args.feature_extractor}
     check_outputs({"--out": args.out}, inputs)
+    # Every input is opened and checked before the feature network is loaded (or downloaded).
+    ref, samples = open_images(args.ref_batch), [open_images(path) for path in args.sample_batches]
     device = resolve_device(args.device)
     extractor = load_extractor(args.feature_extractor, args.inception_weights, download=args.download)
-    results = evaluate_many(args.ref_batch, args.sample_batches, extractor, batch_size=args.batch_size,
+    results = evaluate_many(ref, samples, extractor, batch_size=args.batch_size,
                             device=device, use_ref_stats=args.ref_stats, fid_method=args.fid_method, log=print)
     for result in results:
         print(format_results(result))

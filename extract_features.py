@@ -17,7 +17,7 @@ from models import plain_names
 from tinyfusion.args import Parser, add_runtime_args, nonnegative_int, positive_int
 from tinyfusion.cli import run_script
 from tinyfusion.distributed import default_num_workers
-from tinyfusion.extraction import check_model_inputs, encode_image_folder
+from tinyfusion.extraction import check_channels, check_model_inputs, encode_image_folder
 from tinyfusion.images import list_image_folder
 from tinyfusion.options import RuntimeOptions
 from tinyfusion.paths import check_outputs
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=nonnegative_int, default=default_num_workers(),
                         help="image-decoding workers per process (default: this machine's cores per process, less "
                              "one, at most 8)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                        help="pixel features (--vae none): 3 for RGB, 1 for grayscale data (PIL's luma)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable images (listed in skipped.json) instead of stopping")
     add_runtime_args(parser, precision_default="fp32")
@@ -52,6 +54,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    check_channels(args.vae, args.channels)
     check_outputs({}, {"--data-path": args.data_path, "--vae": args.vae},
                   folders={"--features-path": args.features_path})
     # A long timeout: ranks wait at the last barrier for the slowest, and a resumed run can leave
@@ -64,7 +67,7 @@ def main(args):
         encode_image_folder(images, args.features_path, codec, rt.env, image_size=args.image_size, flip=args.flip,
                             shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                             global_seed=args.global_seed, precision=rt.precision, skip_bad=args.skip_bad,
-                            logger=rt.logger)
+                            channels=args.channels, logger=rt.logger)
 
 
 if __name__ == "__main__":

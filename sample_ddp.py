@@ -1,4 +1,4 @@
-"""Sample an FID set from a DiT on every GPU (or CPU process) into an ADM-format .npz.
+r"""Sample an FID set from a DiT on every GPU (or CPU process) into an ADM-format .npz.
 
 Usage:
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt outputs/pruned/DiT-D14-Learned.pt \

@@ -156,6 +156,21 @@ def test_pixel_space_without_flip_stores_the_cropped_images(pixel_run, image_fol
         torch.testing.assert_close(pixels, _cropped(image_folder / listing.paths[i]), rtol=0, atol=0)
 
 
+def test_grayscale_pixel_features_have_one_channel(image_folder, tmp_path):
+    out = tmp_path / "gray"
+    run_cli(["extract_features.py", *_args(image_folder, out, "none", "--no-flip", "--num-workers", "0",
+                                           "--channels", "1")])
+    dataset = FeatureDataset(out)
+    assert dataset.latent_shape == (1, SIZE, SIZE) and dataset.index.source["channels"] == 1
+    listing = list_image_folder(image_folder)
+    for i in (0, 7, 14):
+        expected = image_to_tensor(adm_center_crop(load_image(image_folder / listing.paths[i], "L"), SIZE))
+        torch.testing.assert_close(dataset[(i, 0)][0], expected, rtol=0, atol=0)
+    proc = run_cli(["extract_features.py", *_args(image_folder, tmp_path / "vae", "ema", "--channels", "1")],
+                   check=False)
+    assert proc.returncode == 2 and "--channels 1 writes grayscale pixels" in proc.stderr
+
+
 def test_corrupt_image_stops_the_run_naming_it_and_skip_bad_leaves_it_out(image_folder, tmp_path):
     data = shutil.copytree(image_folder, tmp_path / "data")
     (data / "dog" / "img2b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")  # index 8 of 16

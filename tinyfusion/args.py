@@ -37,8 +37,31 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's line ends with its default, once: not for required options, flags that are off, or options
+    whose help already says what happens by default."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._default_text(action):
+            action.help = f"({self._default_text(action)})".replace("%", "%%")  # a line for the default alone
+        return super()._format_action(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        default = self._default_text(action)
+        if default and "default" not in text.lower():
+            text = f"{text} ({default})" if text else f"({default})"
+        return text
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str:
+        if action.required or not action.option_strings or any(action.default is v for v in (None, False,
+                                                                                              argparse.SUPPRESS)):
+            return ""
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return ""
+        value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"default: {value}"
 
 
 def positive_int(text: str) -> int:

@@ -137,10 +137,19 @@ def encode_copies(codec: LatentCodec, images: torch.Tensor, indices: Sequence[in
     return latents.reshape(copies, len(indices), *latents.shape[1:]).transpose(0, 1).contiguous()
 
 
+def check_channels(vae: str, channels: int) -> None:
+    """--channels: 3 (RGB) for any codec, 1 (grayscale) for pixel features only (`--vae none`)."""
+    if channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if channels == 1 and vae != "none":
+        raise ValueError(f"--channels 1 writes grayscale pixels, but --vae {vae} encodes RGB images: use --vae none "
+                         "for grayscale pixel features, or --channels 3")
+
+
 def encode_image_folder(images: ImageList, features_path: str | os.PathLike, codec: LatentCodec, env: DistEnv, *,
                         image_size: int = 256, flip: bool = True, shard_size: int = 1000, batch_size: int = 32,
-                     num_workers: int = 4, global_seed: int = 0, precision: str = "fp32", skip_bad: bool = False,
-                     logger: logging.Logger | None = None) -> FeatureIndex:
+                        num_workers: int = 4, global_seed: int = 0, precision: str = "fp32", skip_bad: bool = False,
+                        channels: int = 3, logger: logging.Logger | None = None) -> FeatureIndex:
     """Encodes this rank's shards of an image folder, then (rank 0) writes the index; see the module doc.
 
     Every rank calls it; it returns the finished index on every rank.
@@ -157,6 +166,7 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
         global_seed: seeds the posterior samples.
         precision: autocast precision of the encoder ("fp32", "bf16", "fp16").
         skip_bad: leave out unreadable images instead of stopping.
+        channels: 3 (RGB) or 1 (grayscale, the luma of PIL's "L" mode; pixel features only: a VAE encodes RGB).
         logger: where progress and skipped images are reported.
     Raises:
         ValueError: bad settings, or a features folder made with other settings.
@@ -166,12 +176,14 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
                                ("--num-workers", num_workers, 0)):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
+    check_channels(codec.name, channels)
     side = latent_size_of(codec, image_size)
     root = Path(features_path)
     source = {
         "vae": _vae_id(codec.name), "scaling_factor": codec.scaling_factor, "image_size": image_size,
         "flip": flip, "precision": precision, "global_seed": global_seed, "shard_size": shard_size,
         "num_files": len(images), "files_sha256": images.sha256(), "data_path": str(images.root.resolve()),
+        **({"channels": channels} if channels != 3 else {}),  # RGB folders keep the record they always had
     }
     # Every rank checks (the same files, the same answer), so a refusal stops all of them alike.
     _check_folder(root, source)
@@ -187,7 +199,7 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
         logger.info(f"{len(images)} images of {len(images.class_names)} classes in {len(ranges)} shards of "
                     f"{shard_size}; {done} already done, {len(ranges) - done} to encode on {env.world_size} "
                     f"process(es)")
-    latent_shape = (1 + flip, codec.latent_channels(), side, side)
+    latent_shape = (1 + flip, codec.latent_channels(channels), side, side)
     _encode_shards(images, root, codec, env, [(k, ranges[k]) for k in mine], latent_shape, image_size=image_size,
                    batch_size=batch_size, num_workers=num_workers, global_seed=global_seed, precision=precision,
                    skip_bad=skip_bad, logger=logger)
@@ -214,7 +226,8 @@ def _encode_shards(images: ImageList, root: Path, codec: LatentCodec, env: DistE
     for shard, indices in shards:
         starts = range(indices.start, indices.stop, batch_size)
         plan += [(shard, list(range(s, min(s + batch_size, indices.stop))), s == starts[-1]) for s in starts]
-    loader = DataLoader(CroppedImages(images, image_size), batch_sampler=[batch for _, batch, _ in plan],
+    loader = DataLoader(CroppedImages(images, image_size, channels=latent_shape[1] if codec.vae is None else 3),
+                        batch_sampler=[batch for _, batch, _ in plan],
                         num_workers=num_workers, pin_memory=env.device.type == "cuda")
     progress = tqdm(total=sum(len(r) for _, r in shards), desc=f"encoding (rank 0 of {env.world_size})", unit="img",
                     disable=not env.is_main)

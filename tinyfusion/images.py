@@ -105,22 +105,24 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file decoded in full, as RGB.
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """An image file decoded in full, as RGB (or `mode`, e.g. "L" for grayscale).
 
     Raises:
         ValueError: the file cannot be read or decoded, naming it.
     """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except _DECODE_ERRORS as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a float tensor (3, H, W) in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+    """An RGB (or grayscale "L") PIL image as a float tensor (3, H, W) (or (1, H, W)) in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) or (H, W)
+    if pixels.dim() == 2:
+        pixels = pixels[:, :, None]
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -134,17 +136,18 @@ class CroppedImages(Dataset):
     Args:
         images: the listing.
         size: the side of the crop.
+        channels: 3 (RGB) or 1 (grayscale: PIL's "L" luma).
     """
 
-    def __init__(self, images: ImageList, size: int):
-        self.images, self.size = images, size
+    def __init__(self, images: ImageList, size: int, channels: int = 3):
+        self.images, self.size, self.channels = images, size, channels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
         try:
-            image = load_image(self.images.root / self.images.paths[index])
+            image = load_image(self.images.root / self.images.paths[index], "L" if self.channels == 1 else "RGB")
         except ValueError as e:
-            return torch.zeros(3, self.size, self.size), self.images.labels[index], index, str(e)
+            return torch.zeros(self.channels, self.size, self.size), self.images.labels[index], index, str(e)
         return image_to_tensor(adm_center_crop(image, self.size)), self.images.labels[index], index, ""
