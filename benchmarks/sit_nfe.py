@@ -92,6 +92,7 @@ def main(args) -> list[dict]:
 
 def _plot(rows: list[dict], path: str, feature_space: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,7 +102,9 @@ def _plot(rows: list[dict], path: str, feature_space: str) -> None:
         points = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == name)
         if points:
             ax.plot(*zip(*points), marker=marker, label=name)
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("function evaluations (NFE)")
     ax.set_ylabel(f"FID ({feature_space})")
     ax.legend()
