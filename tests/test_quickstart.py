@@ -37,11 +37,11 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
         assert (out / "models" / name).is_file()
     assert (out / "decisions-learned-1-2.png").is_file() and (out / "decisions-learned-4-8.png").is_file()
     assert len(list((out / "samples").glob("*.npz"))) == 15 and (out / "classifier.pt").is_file()
-    assert (out / "models" / "ablation-full.pt").is_file()
+    assert (out / "models" / "ablation-lora.pt").is_file()
     assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
     assert result["nproc"] == 1 and result["jobs"] >= 1 and result["wall_seconds"] > 0
     assert result["fast"] and (out / "results.md").read_text().startswith("**Smoke run (--fast)")
-    assert [a["name"] for a in result["ablation"]] == ["learned-1-2", "ablation-full", "ablation-lora-blocks",
+    assert [a["name"] for a in result["ablation"]] == ["learned-1-2", "ablation-lora", "ablation-lora-blocks",
                                                        "ablation-ema-0.999"]
     assert all(len(a["kept"]) == len(a["raw_kept"]) == 4 for a in result["ablation"])
     assert result["ablation"][-1]["ema_decay"] == 0.999
