@@ -1,7 +1,7 @@
 r"""The whole TinyFusion pipeline on a built-in dataset, on a CPU, in one command.
 
 Usage:
-    python quickstart.py                 # about 15 minutes on 2 CPU cores
+    python quickstart.py                 # about 22 minutes on 2 CPU cores (README: measured)
     python quickstart.py --fast          # about 2 minutes: every stage, tiny budgets (for tests)
     python quickstart.py --data-path my_images --image-size 16   # your own image folder
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exhaustive", action="store_true",
                         help="also cut every 1:2 pattern from the teacher (16 for 8 blocks), recover each with the "
-                             "same budget, and rank every method's pick among them (about 15 minutes more)")
+                             "same budget, and rank every method's pick among them (about 13 minutes more)")
     return parser.parse_args(argv)
 
 

@@ -73,11 +73,13 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(small, tmp_path):
     before = source.read_bytes()
     (tmp_path / "alias.pt").symlink_to(source)
     os.link(source, tmp_path / "hardlink.pt")
-    for out in (str(source), str(tmp_path / "alias.pt"), str(tmp_path / "hardlink.pt"),
-                os.path.relpath(source, ROOT)):
-        proc = run_cli(["prune_by_index.py", "--ckpt", str(source), "--kept-indices", "0", "2",
-                        "--save-model", out], check=False)
-        _user_error(proc, "--save-model", "same file as --ckpt", "choose another --save-model")
+    proc = run_cli(["prune_by_index.py", "--ckpt", str(source), "--kept-indices", "0", "2",
+                    "--save-model", os.path.relpath(tmp_path / "alias.pt", ROOT)], check=False)
+    _user_error(proc, "--save-model", "same file as --ckpt", "choose another --save-model")
+    from tinyfusion.paths import check_outputs
+    for out in (source, tmp_path / "alias.pt", tmp_path / "hardlink.pt", tmp_path / "sub" / ".." / "model.pt"):
+        with pytest.raises(ValueError, match="same file as --ckpt"):
+            check_outputs({"--save-model": out}, {"--ckpt": os.path.relpath(source)})
     proc = run_cli(["prune_by_learning.py", "--load-weight", str(source), "--groups", "4x1:2", "--data-path",
                     str(small["data"]), "--max-steps", "1", "--results-dir", str(tmp_path), "--save-model",
                     str(tmp_path / "alias.pt")], check=False)
@@ -235,10 +237,13 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
     save_model(tmp_path / "whole.pt", tiny_dit())
     data = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) * 2 // 3])
-    for name, needle in (("page.pt", "an HTML page"), ("image.pt", "a PNG image"), ("empty.pt", "an empty file"),
+    line = _user_error(run_cli(["sample.py", "--ckpt", str(tmp_path / "page.pt")], check=False), "an HTML page")
+    assert "could run code" not in line
+    for name, needle in (("image.pt", "a PNG image"), ("empty.pt", "an empty file"),
                          ("cut.pt", "a truncated zip archive")):
-        line = _user_error(run_cli(["sample.py", "--ckpt", str(tmp_path / name)], check=False), needle)
-        assert "could run code" not in line
+        with pytest.raises(ValueError, match=f"is not a checkpoint: it is {needle}") as info:
+            read_checkpoint(tmp_path / name)
+        assert "could run code" not in str(info.value)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
