@@ -151,6 +151,10 @@ def test_prune_distill_and_sample_a_sit_on_one_and_two_processes(sit, tmp_path):
     assert protocol["sampler_options"]["diffusion_form"] == "SBDM"
     assert not np.array_equal(outputs[("ode", 1)], outputs[("sde", 1)])
 
+    proc = run_cli(["sample.py", "--ckpt", str(tmp_path / "kd.pt"), "--sampler", "ode", "--sampling-method", "heun",
+                    "--num-sampling-steps", "5", "--class-labels", "1", "2", "--out", str(tmp_path / "grid.png")])
+    assert "function evaluations per image: mean 8.0 (min 8, max 8)" in proc.stdout
+
     from tinyfusion.evaluation import SmallClassifier, save_feature_extractor
     save_feature_extractor(tmp_path / "fx.pt", SmallClassifier(image_size=8, num_classes=10, width=4), name="toy")
     np.savez(tmp_path / "ref.npz", arr_0=np.concatenate([outputs[("sde", 1)]] * 2))

@@ -310,6 +310,10 @@ def run_sample(args: SampleGridOptions) -> Path:
                        f"{spec.precision}, vae {codec.name}")
         images = sample_images(loaded.model, process, codec, torch.tensor(labels, device=rt.env.device),
                                image_seeds(args.seed, range(len(labels))), spec, progress=True)
+        nfe = getattr(process, "last_nfe", None)
+        if nfe is not None:  # the ODE sampler reports how many model calls each image took
+            rt.logger.info(f"function evaluations per image: mean {nfe.float().mean():.1f} (min {int(nfe.min())}, "
+                           f"max {int(nfe.max())})")
         save_grid(images, out)
         rt.logger.info(f"saved {out}")
     return out
