@@ -282,6 +282,10 @@ class Quickstart:
             fid = self.score(real_a, real_b, samples, classifier)
             latency = self.measure_latency(models)
         self._bar = None
+        if self.budget == FAST:
+            atomic_write(self.path("grids", "SMOKE-RUN.txt"), lambda f: f.write(
+                b"These grids come from a --fast smoke run: tiny budgets, so they are mostly noise and say nothing "
+                b"about the methods. Run quickstart.py without --fast for real samples.\n"))
         return self.report(models, fid, latency, pruned)
 
     @staticmethod

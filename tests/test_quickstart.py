@@ -41,6 +41,7 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
     assert result["nproc"] == 1 and result["jobs"] >= 1 and result["wall_seconds"] > 0
     assert result["fast"] and (out / "results.md").read_text().startswith("**Smoke run (--fast)")
+    assert "mostly noise" in (out / "grids" / "SMOKE-RUN.txt").read_text()
     assert [a["name"] for a in result["ablation"]] == ["learned-1-2", "ablation-lora", "ablation-lora-blocks",
                                                        "ablation-ema-0.999"]
     assert all(len(a["kept"]) == len(a["raw_kept"]) == 4 for a in result["ablation"])
