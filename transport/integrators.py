@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torchdiffeq import odeint
 
 # torchdiffeq's methods on a fixed grid (one step between consecutive output times) and adaptive ones.
 FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
@@ -96,6 +95,8 @@ class ODE:
         # Adaptive steps end exactly at t1 instead of overshooting it (torchdiffeq's default, kept by the
         # official code): the model is never called outside [t0, t1], where the VP path has sigma_t^2 < 0.
         options = dict(step_t=t[-1:]) if self.method in ADAPTIVE_METHODS else None
+        from torchdiffeq import odeint  # imported when sampling: it pulls in scipy (0.5 s a process start)
+
         xs = odeint(f, x, t, method=self.method, atol=self.atol, rtol=self.rtol, options=options)  # (num_steps, n, ...)
         return xs, calls
 
