@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, no_network_path, run_cli
 
 SCRIPTS = ["evaluator", "extract_features", "prune_by_index", "prune_by_learning", "prune_by_score", "quickstart",
            "sample", "sample_ddp", "train", "train_masked_kd"]
@@ -38,18 +38,10 @@ def test_script_docstrings_show_their_line_continuations():
 
 
 def test_the_evaluator_checks_its_inputs_before_loading_any_network(tmp_path):
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(
-        "import socket\n"
-        "def _refuse(*args, **kwargs):\n"
-        "    raise RuntimeError('network access attempted')\n"
-        "socket.socket.connect = _refuse\n"
-        "socket.create_connection = _refuse\n")
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     proc = run_cli(["evaluator.py", str(tmp_path / "ref.npz"), str(tmp_path / "missing.npz"), "--inception-weights",
                     str(tmp_path / "no-such-weights.pth")], check=False,
-                   env={"PYTHONPATH": f"{ROOT}:{guard}", "TORCH_HOME": str(tmp_path / "hub")})
+                   env={"PYTHONPATH": no_network_path(tmp_path), "TORCH_HOME": str(tmp_path / "hub")})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "missing.npz" in proc.stderr and "no-such-weights" not in proc.stderr
     assert "network access attempted" not in proc.stderr

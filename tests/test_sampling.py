@@ -3,13 +3,12 @@ under real torchrun (world-size and batch-size invariance, resume, protocol)."""
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import ROOT, run_cli, tiny_dit
+from helpers import no_network_path, run_cli, tiny_dit
 from PIL import Image
 
 from diffusion import create_diffusion, gd
@@ -263,18 +262,10 @@ def test_a_pixel_checkpoint_samples_from_the_file_alone_without_network(tmp_path
     """The codec comes from the checkpoint: no --vae, no --model, and no connection is ever opened."""
     from tinyfusion.vae import codec_record
 
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(
-        "import socket\n"
-        "def _refuse(*args, **kwargs):\n"
-        "    raise RuntimeError('network access attempted')\n"
-        "socket.socket.connect = _refuse\n"
-        "socket.create_connection = _refuse\n")
     model = tiny_dit(**PIXEL)
     save_model(tmp_path / "pixels.pt", model, codec=codec_record("none", 1.0))
     torch.save(model.state_dict(), tmp_path / "legacy.pt")  # records nothing: 3 channels read as pixels
-    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{guard}"}
+    env = {"PYTHONPATH": no_network_path(tmp_path)}
     for ckpt, extra in (("pixels.pt", []), ("legacy.pt", ["--model", "DiT", "--num-heads", "2"])):
         out = tmp_path / f"{ckpt}.png"
         proc = run_cli(["sample.py", "--ckpt", str(tmp_path / ckpt), *extra, "--num-sampling-steps", "2",

@@ -80,7 +80,8 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
 
 
 def remove_orphan_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Deletes the temporary files of interrupted atomic writes (`.NAME.XXXX.tmp`) in a folder (not below)."""
+    """Deletes the temporary files of interrupted atomic writes (`.NAME.<random>.tmp`, see `atomic_write`) in a
+    folder (not in its subfolders)."""
     removed = []
     folder = Path(folder)
     if folder.is_dir():

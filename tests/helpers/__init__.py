@@ -42,6 +42,20 @@ def _tiny(cls, seed: int, randomize: bool, overrides: dict):
     return model
 
 
+def no_network_path(tmp_path: Path) -> str:
+    """A PYTHONPATH for run_cli under which any network connection raises "network access attempted"
+    (a sitecustomize module that replaces socket connects)."""
+    guard = tmp_path / "no-network"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _refuse(*args, **kwargs):\n"
+        "    raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.create_connection = _refuse\n")
+    return f"{ROOT}{os.pathsep}{guard}"
+
+
 def run_cli(args: list[str], cwd: Path | None = None, nproc: int = 1, timeout: float = 600,
             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs a script of the repository as users do: python, or torchrun with `nproc` processes."""
