@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .dit import KNOWN_NUM_HEADS, DiT, DiT_models
 from .gates import GatedModel, LayerGates, format_groups, kept_depth, parse_groups
+from .mar import MAR, OFFICIAL_NAMES, MAR_models
 from .registry import (
     ARCHITECTURES,
     GATED_PRESETS,
@@ -52,13 +53,22 @@ register_family(SiT, SiT_models, {
     "SiT-D14-1-2": ("SiT-D14/2", "7x1:2"),
     "SiT-D14-2-4": ("SiT-D14/2", "3x2:4,1:2"),
 })
+# MAR: two stacks (encoder, decoder). TinyMAR-D16 is the paper's setting: MAR-L's 16 + 16 blocks cut to
+# 8 + 8, one of every pair in each stack.
+register_family(MAR, MAR_models, {
+    "TinyMAR-D16": ("MAR-L", "encoder=8x1:2 decoder=8x1:2"),
+    "MAR-L-1-2": ("MAR-L", "encoder=8x1:2 decoder=8x1:2"),
+    "MAR-B-1-2": ("MAR-B", "encoder=6x1:2 decoder=6x1:2"),
+    "MAR-H-1-2": ("MAR-H", "encoder=10x1:2 decoder=10x1:2"),
+    "MAR-Nano-1-2": ("MAR-Nano", "encoder=2x1:2 decoder=2x1:2"),
+})
 # Users know DiT_models and SiT_models from the official code; they list the gated presets too.
-for _registry in (DiT_models, SiT_models):
+for _registry in (DiT_models, SiT_models, MAR_models):
     _registry.update({name: MODELS[name] for name, (base, _) in GATED_PRESETS.items() if base in _registry})
 
 __all__ = [
     "ARCHITECTURES", "BlockRecorder", "DiT", "DiT_models", "GATED_PRESETS", "GatedModel", "KNOWN_NUM_HEADS",
-    "SiT", "SiT_models",
+    "MAR", "MAR_models", "OFFICIAL_NAMES", "SiT", "SiT_models",
     "LayerGates", "MODELS", "block_stacks", "build_architecture", "compose_kept_indices", "create_model",
     "flat_blocks", "format_groups", "join_indices", "split_indices", "kept_depth", "layer_map", "parse_groups",
     "parse_stack_groups",

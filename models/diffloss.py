@@ -174,6 +174,7 @@ class DiffLoss(nn.Module):
         )
         self.train_diffusion = create_diffusion(timestep_respacing="", noise_schedule="cosine")
         self.gen_diffusion = create_diffusion(timestep_respacing=num_sampling_steps, noise_schedule="cosine")
+        self._respaced = {str(num_sampling_steps): self.gen_diffusion}
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +198,7 @@ class DiffLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, noise: torch.Tensor | None = None,
-               generator: gd.Generators = None) -> torch.Tensor:
+               generator: gd.Generators = None, num_steps: int | None = None) -> torch.Tensor:
         """Samples one token per row of z with the respaced ancestral sampler.
 
         Args:
@@ -209,6 +210,7 @@ class DiffLoss(nn.Module):
             generator: None (torch's global generator), one torch.Generator, or a sequence of N, one
                 per row: row i then draws its start noise (with cfg, row i < M; row M + i shares it)
                 and its step noises from generator i alone.
+            num_steps: respaced steps of the sampler; None: `num_sampling_steps` (gen_diffusion).
         Returns:
             (N, C) sampled tokens; with cfg != 1 both halves are returned, the first is the guided sample.
         """
@@ -228,6 +230,14 @@ class DiffLoss(nn.Module):
             raise ValueError(f"the starting noise must have shape {(n, channels)}, got {tuple(noise.shape)}")
         if cfg != 1.0:
             noise = torch.cat([noise, noise], dim=0)  # (2M, C)
-        return self.gen_diffusion.p_sample_loop(model_fn, noise.shape, noise, clip_denoised=False,
-                                                model_kwargs=model_kwargs, progress=False, generator=generator,
-                                                temperature=temperature)  # (N, C)
+        diffusion = self.gen_diffusion if num_steps is None else self._respaced_diffusion(num_steps)
+        return diffusion.p_sample_loop(model_fn, noise.shape, noise, clip_denoised=False,
+                                       model_kwargs=model_kwargs, progress=False, generator=generator,
+                                       temperature=temperature)  # (N, C)
+
+    def _respaced_diffusion(self, num_steps: int):
+        """The sampler's diffusion respaced to `num_steps` of the 1000 (built once per count)."""
+        key = str(int(num_steps))
+        if key not in self._respaced:
+            self._respaced[key] = create_diffusion(timestep_respacing=key, noise_schedule="cosine")
+        return self._respaced[key]

@@ -42,6 +42,15 @@ def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, orders[:, :mask_len], True)
 
 
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, c, h, w) latents -> (B, L, c p p) tokens, row-major over the (h / p, w / p) grid (MAR's layout)."""
+    bsz, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(bsz, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwcpq", x)
+    return x.reshape(bsz, (h // p) * (w // p), c * p ** 2)  # (B, L, C)
+
+
 class MAR(nn.Module):
     """Masked autoregressive model over VAE latent tokens, with a per-token diffusion loss.
 
@@ -72,6 +81,9 @@ class MAR(nn.Module):
     """
 
     arch = "MAR"
+    # Two prunable stacks (models.stacks): the encoder's blocks, then the decoder's (flat index E + j).
+    stacks = {"encoder": ("encoder_blocks", "encoder_depth", None),
+              "decoder": ("decoder_blocks", "decoder_depth", None)}
 
     def __init__(
         self,
@@ -188,16 +200,92 @@ class MAR(nn.Module):
                     nn.init.constant_(m.weight, 1.0)
         self.apply(_init)
 
+    # ----------------------------------------------------------------- the toolkit's model protocol
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability of the null class (fake_latent) in training, for classifier-free guidance."""
+        return self.label_drop_prob
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents this model generates."""
+        side = self.img_size // self.vae_stride
+        return (self.vae_embed_dim, side, side)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.grad_checkpointing = bool(value)
+        self.diffloss.net.grad_checkpointing = bool(value)
+
+    @classmethod
+    def default_process(cls, config: dict) -> dict:
+        """MAR's process: masked tokens with a per-token Gaussian diffusion (processes.masked)."""
+        return {"name": "masked-tokens", "patch_size": config["patch_size"],
+                "mask_ratio_min": config["mask_ratio_min"], "diffusion_batch_mul": config["diffusion_batch_mul"],
+                "num_sampling_steps": int(config["num_sampling_steps"])}
+
+    @classmethod
+    def config_from_state_dict(cls, state_dict: dict, num_heads: int | None = None) -> dict:
+        """Constructor arguments of a bare state dict in the official layout (`checkpoint-last.pth`).
+
+        A state dict does not store the image size, VAE stride, buffer size or head count: the official
+        values are taken (KL-16 latents of stride 16, a buffer of 64, the heads of the official widths),
+        and the image size follows from the position embeddings.
+
+        Raises:
+            ValueError: the keys are not MAR's (naming what they look like), or a width without a known
+                head count and no `num_heads`.
+        """
+        needed = ("z_proj.weight", "encoder_pos_embed_learned", "decoder_embed.weight", "fake_latent",
+                  "class_emb.weight", "diffloss.net.input_proj.weight")
+        missing = [k for k in needed if k not in state_dict]
+        if missing:
+            looks = " (its keys are a DiT's or SiT's: x_embedder, blocks.N)" if "x_embedder.proj.weight" in \
+                state_dict else ""
+            raise ValueError(f"not a MAR state dict{looks}: it lacks {', '.join(missing[:3])}")
+
+        def depth(prefix: str) -> int:
+            return len({k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
+
+        width, token_dim = state_dict["z_proj.weight"].shape
+        decoder_width = state_dict["decoder_embed.weight"].shape[0]
+        vae_embed_dim, vae_stride, buffer_size = 16, 16, 64
+        patch_size = int(round(math.sqrt(token_dim / vae_embed_dim)))
+        if vae_embed_dim * patch_size ** 2 != token_dim:
+            raise ValueError(f"the tokens have {token_dim} channels, which is no patch of 16-channel KL-16 latents; "
+                             "load a self-describing file of this model instead")
+        seq_len = state_dict["encoder_pos_embed_learned"].shape[1] - buffer_size
+        side = int(round(math.sqrt(max(seq_len, 0))))
+        if seq_len < 1 or side * side != seq_len:
+            raise ValueError(f"the position embeddings hold {seq_len + buffer_size} positions, which is no square "
+                             f"token grid after the official buffer of {buffer_size}; load a self-describing file")
+        heads = {}
+        for name, w in (("encoder", width), ("decoder", decoder_width)):
+            heads[name] = num_heads or MAR_NUM_HEADS.get(w)
+            if heads[name] is None:
+                raise ValueError(f"the {name} width {w} is not an official MAR width: give its head count "
+                                 "(--num-heads)")
+        return dict(
+            img_size=side * patch_size * vae_stride, vae_stride=vae_stride, patch_size=patch_size,
+            encoder_embed_dim=width, encoder_depth=depth("encoder_blocks"), encoder_num_heads=heads["encoder"],
+            decoder_embed_dim=decoder_width, decoder_depth=depth("decoder_blocks"),
+            decoder_num_heads=heads["decoder"],
+            mlp_ratio=state_dict["encoder_blocks.0.mlp.fc1.weight"].shape[0] / width, norm_eps=1e-6,
+            vae_embed_dim=vae_embed_dim, class_num=state_dict["class_emb.weight"].shape[0],
+            buffer_size=buffer_size, diffloss_d=depth("diffloss.net.res_blocks"),
+            diffloss_w=state_dict["diffloss.net.input_proj.weight"].shape[0],
+        )
+
     # ----------------------------------------------------------------- tokens
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c, h, w) latents -> (B, L, c p p) tokens, row-major over the (h / p, w / p) grid."""
-        bsz, c, h, w = x.shape
-        p = self.patch_size
-        h_, w_ = h // p, w // p
-        x = x.reshape(bsz, c, h_, p, w_, p)
-        x = torch.einsum("nchpwq->nhwcpq", x)
-        return x.reshape(bsz, h_ * w_, c * p ** 2)  # (B, L, C)
+        return patchify(x, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, C) tokens -> (B, c, h, w) latents; the inverse of `patchify`."""
@@ -242,13 +330,17 @@ class MAR(nn.Module):
                 x = block(x)
         return x
 
-    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
+                            drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Encodes the visible tokens.
 
         Args:
             x: (B, L, C) tokens.
             mask: (B, L), 1 at masked tokens; every row must mask the same number of tokens.
             class_embedding: (B, D_enc), written into every buffer slot.
+            drop_ids: (B,) 1 where the class is replaced by fake_latent (the null class). None: in
+                training mode each image drops its class with probability label_drop_prob (torch's
+                global generator, as the official code); in eval mode none does.
         Returns:
             (B, buffer_size + L - #masked, D_enc): the buffer and the visible tokens, in position order.
         """
@@ -256,8 +348,10 @@ class MAR(nn.Module):
         bsz, _, embed_dim = x.shape
         visible = _visible_with_buffer(mask, self.buffer_size)  # (B, S)
 
-        if self.training:  # label drop for classifier-free guidance
-            drop = (torch.rand(bsz) < self.label_drop_prob).unsqueeze(-1).to(device=x.device, dtype=x.dtype)
+        if drop_ids is None and self.training:  # label drop for classifier-free guidance
+            drop_ids = torch.rand(bsz) < self.label_drop_prob
+        if drop_ids is not None:
+            drop = drop_ids.reshape(bsz, 1).to(device=x.device, dtype=x.dtype)
             class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
         buffer = class_embedding.unsqueeze(1).expand(bsz, self.buffer_size, embed_dim).to(x.dtype)
         x = torch.cat([buffer, x], dim=1)  # (B, S, D), S = buffer_size + L
@@ -304,8 +398,9 @@ class MAR(nn.Module):
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, diffusion_t: torch.Tensor | None = None,
-                diffusion_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss of a batch.
+                diffusion_noise: torch.Tensor | None = None, *, force_drop_ids: torch.Tensor | None = None,
+                noisy_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The training loss of a batch (official), or the diffusion MLP's predictions (`noisy_tokens`).
 
         Args:
             imgs: (B, c, h, w) VAE latents.
@@ -313,18 +408,34 @@ class MAR(nn.Module):
             orders: (B, L) token orders; drawn when None (unused when mask is given).
             mask: (B, L), 1 at the masked tokens; drawn with `random_masking` when None.
             diffusion_t, diffusion_noise: the diffusion loss's draws (see `forward_loss`).
+            force_drop_ids: (B,) 1 where the class is replaced by the null class (see `forward_mae_encoder`).
+            noisy_tokens: (x_t, t), x_t (B, R, C) noisy copies of tokens and t (B, R) their timesteps, row r
+                of an image being a copy of its token r % L (R a multiple of L). Needs `mask`. This is how
+                the toolkit's masked-token process (processes.masked) calls the model: through its
+                forward, so that DDP and layer gates see the call.
         Returns:
-            the scalar loss.
+            the scalar loss; with noisy_tokens the MLP's output (B, R, 2C): eps, then the variance values.
         """
         class_embedding = self.class_emb(labels)  # (B, D_enc)
         x = self.patchify(imgs)  # (B, L, C)
         gt_latents = x.clone().detach()
         if mask is None:
+            if noisy_tokens is not None:
+                raise ValueError("noisy_tokens needs the mask of the tokens they copy")
             if orders is None:
                 orders = self.sample_orders(bsz=x.shape[0])
             mask = self.random_masking(x, orders)
-        x = self.forward_mae_encoder(x, mask, class_embedding)
+        x = self.forward_mae_encoder(x, mask, class_embedding, drop_ids=force_drop_ids)
         z = self.forward_mae_decoder(x, mask)  # (B, L, D_dec)
+        if noisy_tokens is not None:
+            x_t, t = noisy_tokens
+            bsz, rows, channels = x_t.shape
+            if rows % self.seq_len:
+                raise ValueError(f"noisy_tokens hold {rows} rows per image, not a multiple of the {self.seq_len} "
+                                 "tokens")
+            z = z.repeat(1, rows // self.seq_len, 1)  # (B, R, D_dec): row r is token r % L
+            out = self.diffloss.net(x_t.reshape(bsz * rows, channels), t.reshape(-1), z.reshape(bsz * rows, -1))
+            return out.reshape(bsz, rows, -1)  # (B, R, 2C)
         return self.forward_loss(z=z, target=gt_latents, mask=mask, t=diffusion_t, noise=diffusion_noise)
 
     # ----------------------------------------------------------------- sampling
@@ -333,7 +444,8 @@ class MAR(nn.Module):
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
                       orders: torch.Tensor | None = None,
-                      generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                      generators: Sequence[torch.Generator] | None = None,
+                      num_sampling_steps: int | None = None) -> torch.Tensor:
         """Generates latents by unmasking tokens in a random order (paper section 3.3, MaskGIT schedule).
 
         At iteration k the tokens still masked are encoded and decoded, and those that leave the
@@ -351,6 +463,7 @@ class MAR(nn.Module):
             orders: (B, L) generation orders; drawn when None.
             generators: one torch.Generator per image, the source of its order and of all its
                 noises; None uses the global generators as the official code does.
+            num_sampling_steps: steps of the token sampler; None: the model's num_sampling_steps.
         Returns:
             (B, c, h, w) latents.
         """
@@ -402,7 +515,8 @@ class MAR(nn.Module):
             if generators is not None:
                 row_generators = [generators[b] for b in rows[0].tolist()]
                 row_generators = row_generators * 2 if guided else row_generators
-            sampled = self.diffloss.sample(z, temperature, cfg_iter, generator=row_generators)
+            sampled = self.diffloss.sample(z, temperature, cfg_iter, generator=row_generators,
+                                           num_steps=num_sampling_steps)
             if guided:
                 sampled = sampled[: len(sampled) // 2]  # drop the null-class samples
             tokens = tokens.clone()
@@ -435,30 +549,51 @@ def _check_generators(generators: Sequence[torch.Generator], bsz: int) -> None:
 #################################################################################
 #                                   MAR Configs                                 #
 #################################################################################
-# The official presets (mar_base / mar_large / mar_huge) with the DiffLoss MLP of the released
-# checkpoints (official README: 6 x 1024, 8 x 1280, 12 x 1536), buffer 64 and LayerNorm eps 1e-6.
 
-def _factory(width: int, depth: int, num_heads: int, diffloss_d: int, diffloss_w: int) -> Callable[..., MAR]:
+# Head counts of the official widths: a bare state dict stores none (`MAR.config_from_state_dict`).
+MAR_NUM_HEADS = {768: 12, 1024: 16, 1280: 16}
+
+
+def _factory(width: int, depth: int, num_heads: int, diffloss_d: int, diffloss_w: int, buffer_size: int = 64,
+             **defaults) -> Callable[..., MAR]:
+    """A registry factory of one MAR size. Besides MAR's own arguments it takes the toolkit's generic
+    names (what training from scratch passes every family): input_size (the latent side), in_channels
+    (the latent channels) and num_classes."""
     fixed = dict(
         encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=num_heads,
         decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=num_heads,
-        mlp_ratio=4.0, norm_eps=1e-6, buffer_size=64, diffloss_d=diffloss_d, diffloss_w=diffloss_w,
+        mlp_ratio=4.0, norm_eps=1e-6, buffer_size=buffer_size, diffloss_d=diffloss_d, diffloss_w=diffloss_w,
     )
 
     def make(**kwargs) -> MAR:
         clash = sorted(set(kwargs) & set(fixed))
         if clash:
             raise ValueError(f"the model name fixes {', '.join(clash)}; build MAR(...) directly to change them")
+        kwargs = {**defaults, **kwargs}
+        if "input_size" in kwargs:
+            kwargs["img_size"] = kwargs.pop("input_size") * kwargs.get("vae_stride", 16)
+        if "in_channels" in kwargs:
+            kwargs["vae_embed_dim"] = kwargs.pop("in_channels")
+        if "num_classes" in kwargs:
+            kwargs["class_num"] = kwargs.pop("num_classes")
         return MAR(**fixed, **kwargs)
     make.fixed = fixed  # what the name determines; checkpoints are checked against it
+    make.arch = MAR.arch
     return make
 
 
+# The official presets (mar_base / mar_large / mar_huge) with the DiffLoss MLP of the released checkpoints
+# (official README: 6 x 1024, 8 x 1280, 12 x 1536), buffer 64 and LayerNorm eps 1e-6. MAR-Nano is not
+# official: a small pixel-space MAR (patches of 2x2 pixels) for small data and CPU runs.
 MAR_models = {
     "MAR-B": _factory(768, 12, 12, diffloss_d=6, diffloss_w=1024),
     "MAR-L": _factory(1024, 16, 16, diffloss_d=8, diffloss_w=1280),
     "MAR-H": _factory(1280, 20, 16, diffloss_d=12, diffloss_w=1536),
+    "MAR-Nano": _factory(64, 4, 4, diffloss_d=2, diffloss_w=128, vae_stride=1, patch_size=2, buffer_size=4,
+                         attn_dropout=0.0, proj_dropout=0.0, num_sampling_steps="50"),
 }
+# The official training arguments name the sizes so (`--model mar_large`); a checkpoint's args say which.
+OFFICIAL_NAMES = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}
 
 # Guidance scales of the official evaluations (README: linear schedule, temperature 1.0, 256 iterations).
 MAR_CFG_SCALES = {"MAR-B": 2.9, "MAR-L": 3.0, "MAR-H": 3.2}

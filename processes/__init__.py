@@ -5,7 +5,7 @@ internals. Everything else builds a process from the record a checkpoint stores,
 `create_process`, and talks to it through the protocol.
 """
 
-from . import flow, gaussian  # noqa: F401  (register "transport" and "gaussian")
+from . import flow, gaussian, masked  # noqa: F401  (register "transport", "gaussian", "masked-tokens")
 from .base import (
     Cond,
     Draws,
@@ -19,8 +19,10 @@ from .base import (
 )
 from .flow import TransportProcess
 from .gaussian import GaussianProcess
+from .masked import MaskedTokenProcess
 
 __all__ = [
-    "Cond", "Draws", "GaussianProcess", "NoiseProcess", "Prediction", "TimeDomain", "TransportProcess", "all_samplers",
+    "Cond", "Draws", "GaussianProcess", "MaskedTokenProcess",
+    "NoiseProcess", "Prediction", "TimeDomain", "TransportProcess", "all_samplers",
     "create_process", "process_names", "register_process",
 ]

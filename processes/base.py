@@ -47,11 +47,14 @@ class Prediction:
         output: the model's raw output, e.g. (N, C_out, H, W).
         x_t: the noisy input the model was given.
         t: the time the model was given.
+        weight: per-row weights of the loss where only some rows count (masked tokens: 1 at the rows of
+            masked tokens), or None (every row counts).
     """
 
     output: torch.Tensor
     x_t: torch.Tensor
     t: torch.Tensor
+    weight: torch.Tensor | None = None
 
 
 class NoiseProcess(abc.ABC):
@@ -68,6 +71,9 @@ class NoiseProcess(abc.ABC):
     default_steps: dict[str, int] = {}
     # Per sampler, the options it takes (e.g. the ODE's solver and tolerances) and their defaults.
     sampler_options: dict[str, dict] = {}
+    # True for a process whose sampler runs the model's own generation loop (MAR's masked iterations):
+    # it implements `sample_model` instead of `sample`.
+    drives_model: bool = False
 
     # ------------------------------------------------------------------ description
 
@@ -138,6 +144,13 @@ class NoiseProcess(abc.ABC):
                options: dict | None = None) -> torch.Tensor:
         """Samples from noise with `denoise(x, t, **cond)`; image i draws step noise from generators[i].
         `options` are the sampler's (see `sampler_options`; `resolve_options` fills the defaults)."""
+
+    def sample_model(self, model: nn.Module, labels: torch.Tensor, generators: Sequence[torch.Generator], *,
+                     sampler: str, num_steps: int, cfg_scale: float, progress: bool = False,
+                     options: dict | None = None) -> torch.Tensor:
+        """Samples (N, ...) for the labels by the model's own loop (processes with `drives_model`); image i
+        depends on generators[i] alone."""
+        raise NotImplementedError(f"the {self.name} process samples from noise with `sample`")
 
 
 #################################################################################

@@ -23,6 +23,7 @@ from models import (
     prune_depth,
     register_family,
     stack_depths,
+    unwrap,
 )
 from processes import NoiseProcess, TimeDomain, create_process, register_process
 from processes.base import _PROCESSES
@@ -241,13 +242,18 @@ class ModelContract(abc.ABC):
 
     @abc.abstractmethod
     def inputs(self, model: nn.Module):
-        """(x, t, y) inputs that fit `model`."""
+        """Inputs that fit `model`, as `call` takes them (denoisers: (x, t, y))."""
+
+    def call(self, model: nn.Module, inputs) -> torch.Tensor:
+        """The model's output on `inputs` (denoisers: model(x, t, y))."""
+        return model(*inputs)
 
     def test_output_shape(self):
         model = self.tiny().eval()
-        x, t, y = self.inputs(model)
+        inputs = self.inputs(model)
         with torch.no_grad():
-            out = model(x, t, y)
+            out = self.call(model, inputs)
+        x = inputs[0]
         assert out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:] and torch.isfinite(out).all()
 
     def test_self_describing_round_trip(self, tmp_path):
@@ -256,16 +262,16 @@ class ModelContract(abc.ABC):
         loaded = load_model(tmp_path / "m.pt")
         assert loaded.arch == model.arch and loaded.config == model.config
         assert loaded.process == create_process(type(model).default_process(model.config)).record()
-        x, t, y = self.inputs(model)
+        inputs = self.inputs(model)
         with torch.no_grad():
-            torch.testing.assert_close(loaded.model(x, t, y), model(x, t, y), atol=0, rtol=0)
+            torch.testing.assert_close(self.call(loaded.model, inputs), self.call(model, inputs), atol=0, rtol=0)
 
     def test_gates_cover_every_stack_and_equal_the_pruned_model(self):
         model = self.tiny().eval()
         depths = stack_depths(model)
         groups = " ".join(f"{name}={depth}:{depth}" for name, depth in depths.items())
         layout = [f"{name}=1:{depth}" for name, depth in depths.items()]
-        gated = GatedModel(self.tiny().eval(), parse_stack_groups(layout, depths))
+        gated = GatedModel(self.tiny(), parse_stack_groups(layout, depths)).eval()
         assert gated.gates.depth == sum(depths.values()) and groups
         with torch.no_grad():
             for logit in gated.gates.logits:
@@ -273,24 +279,25 @@ class ModelContract(abc.ABC):
         kept = gated.decisions()["kept_indices"]
         offsets = np.cumsum([0, *depths.values()])
         assert kept == [int(o) - 1 for o in offsets[1:]]
-        x, t, y = self.inputs(model)
+        inputs = self.inputs(model)
         with torch.no_grad():
-            torch.testing.assert_close(gated(x, t, y), prune_depth(model, kept).eval()(x, t, y), atol=0, rtol=0)
+            torch.testing.assert_close(self.call(gated, inputs), self.call(prune_depth(model, kept).eval(), inputs),
+                                       atol=0, rtol=0)
 
     def test_lora_attaches_and_discards(self):
         model = self.tiny().eval()
         original = {k: v.clone() for k, v in model.state_dict().items()}
-        x, t, y = self.inputs(model)
+        inputs = self.inputs(model)
         params = add_lora(model, rank=2)
         assert has_lora(model) and params and all(p.requires_grad for p in params)
         with torch.no_grad():
             for p in params:
                 p.add_(0.1)
-            changed = model(x, t, y)
+            changed = self.call(model, inputs)
         strip_lora(model)
         assert not has_lora(model) and set(model.state_dict()) == set(original)
         with torch.no_grad():
-            assert not torch.equal(changed, model(x, t, y))
+            assert not torch.equal(changed, self.call(model, inputs))
         for k, v in model.state_dict().items():
             assert torch.equal(v, original[k])
 
@@ -343,3 +350,30 @@ def test_bare_state_dicts_never_guess_between_families(toy_family, tmp_path):
     torch.save(tiny_dit().state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="fits several families .*--model"):
         load_model(tmp_path / "bare.pt", num_heads=2)
+
+
+class TestMARContract(ModelContract):
+    """MAR is called through its masked-token process: the output is the diffusion MLP's (B, R, 2C)."""
+
+    def tiny(self, seed: int = 0) -> nn.Module:
+        from helpers import tiny_mar
+        return tiny_mar(seed=seed)
+
+    def inputs(self, model):
+        g = torch.Generator().manual_seed(1)
+        process = create_process(type(model).default_process(model.config))
+        x = torch.randn(2, *model.data_shape, generator=g)
+        return x, process.draw(g, 2, model.data_shape, torch.device("cpu")), dict(y=torch.tensor([1, 5]))
+
+    def call(self, model, inputs):
+        x, draws, cond = inputs
+        process = create_process(type(unwrap(model)).default_process(unwrap(model).config))
+        return process.predict(model, x, draws, cond).output
+
+    def test_output_shape(self):
+        model = self.tiny().eval()
+        inputs = self.inputs(model)
+        with torch.no_grad():
+            out = self.call(model, inputs)
+        rows = model.diffusion_batch_mul * model.seq_len
+        assert out.shape == (2, rows, 2 * model.token_embed_dim) and torch.isfinite(out).all()

@@ -4,6 +4,7 @@ Read (always with `weights_only=True`; a pickle that would run code is refused):
 - official DiT releases: a plain state dict (`DiT-XL-2-256x256.pt`);
 - training checkpoints of DiT and TinyFusion: {"model", "ema", "opt", "args"}, where "args" is an
   argparse.Namespace (the one class allowed beyond tensors and plain containers);
+- official MAR checkpoints (`checkpoint-last.pth`): {"model", "model_ema", "optimizer", "epoch", "args"};
 - TinyFusion's pruned files: a plain state dict of the shallow model, possibly with its gate
   tensors beside the weights;
 - safetensors files;
@@ -34,6 +35,7 @@ import torch.nn as nn
 from models import (
     ARCHITECTURES,
     MODELS,
+    OFFICIAL_NAMES,
     GatedModel,
     build_architecture,
     compose_kept_indices,
@@ -226,12 +228,13 @@ def select_state_dict(obj: dict, weights: str = "ema", path: str = "checkpoint")
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    if "model" in obj or "ema" in obj:
-        which = "ema" if weights == "ema" and obj.get("ema") is not None else "model"
-        if obj.get(which) is None:
+    if "model" in obj or "ema" in obj or "model_ema" in obj:
+        ema = obj.get("ema") if obj.get("ema") is not None else obj.get("model_ema")  # MAR names it model_ema
+        which = "ema" if weights == "ema" and ema is not None else "model"
+        state_dict = ema if which == "ema" else obj.get("model")
+        if state_dict is None:
             present = sorted(k for k in obj if obj[k] is not None)
             raise ValueError(f"{path} has no {which!r} weights; it holds {present}")
-        state_dict = obj[which]
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
         which, state_dict = "model", obj["state_dict"]
     else:
@@ -346,7 +349,11 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     layout the weights fit. When several fit (SiT's layout is DiT's), the family is never guessed.
     """
     if arch is not None:
-        return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
+        try:
+            return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
+        except ValueError as e:
+            raise ValueError(f"--model names a {arch}, but {path} does not hold one ({e}); pass the --model of the "
+                             "family the file holds") from None
     fits, errors = {}, []
     for name, cls in ARCHITECTURES.items():
         try:
@@ -396,10 +403,12 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     ignored = sorted(k for k in state_dict if _GATE_KEY.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
 
-    if model_name is None and not is_self_describing(obj) and isinstance(obj.get("args"), argparse.Namespace) \
-            and getattr(obj["args"], "model", None) in MODELS:
-        # A DiT / SiT / TinyFusion training checkpoint names its model: its family decides (sizes: the weights).
-        model_name = registry_spec(obj["args"].model)[0]
+    trained_as = getattr(obj.get("args"), "model", None) if isinstance(obj.get("args"), argparse.Namespace) else None
+    trained_as = OFFICIAL_NAMES.get(trained_as, trained_as)  # the official MAR code says mar_large
+    if model_name is None and not is_self_describing(obj) and trained_as in MODELS:
+        # A DiT / SiT / MAR / TinyFusion training checkpoint names its model: its family decides (sizes: the
+        # weights).
+        model_name = registry_spec(trained_as)[0]
     arch_of_name, fixed, preset_groups = registry_spec(model_name) if model_name else (None, {}, None)
     if is_self_describing(obj):
         arch, config = obj["arch"], dict(obj["config"])

@@ -220,6 +220,11 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
         raise ValueError("the model has no null class (it was trained without label dropout), so it cannot be "
                          "guided; use --cfg-scale 1")
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    if process.drives_model:  # the model's own loop (MAR's masked iterations)
+        with autocast(spec.precision, device):
+            out = process.sample_model(model, labels, generators, sampler=spec.sampler, num_steps=spec.num_steps,
+                                       cfg_scale=spec.cfg_scale, progress=progress, options=spec.options)
+        return out.float()
     # The same starting noise for every sampler: image i starts from the same noise under each of them.
     noise = torch.stack([torch.randn(tuple(inner.data_shape), generator=g, device=device) for g in generators])
     return process.sample(_denoiser(model, spec, device), noise, dict(y=labels), sampler=spec.sampler,
@@ -299,7 +304,7 @@ def run_sample(args: SampleGridOptions) -> Path:
             raise ValueError("sample.py runs in one process; for many images on many GPUs use "
                              "torchrun ... sample_ddp.py")
         loaded, process, codec, spec = _prepare(args, rt)
-        num_classes = loaded.config["num_classes"]
+        num_classes = unwrap(loaded.model).num_classes
         labels = resolve_class_labels(args.class_labels, num_classes)
         if args.class_labels is None:
             rt.logger.info(f"--class-labels not given: classes {labels} of this {num_classes}-class model")
@@ -345,7 +350,7 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         "cfg_scale": spec.cfg_scale,
         "guided_channels": channels if spec.guide_all_channels else min(3, channels),
         "vae": codec.name, "image_size": size * codec.downsample,
-        "num_classes": config["num_classes"],
+        "num_classes": unwrap(loaded.model).num_classes,
         "precision": spec.precision, "tf32": bool(tf32 and device.type == "cuda"), "device": device.type,
         "global_seed": seed, "num_samples": num_samples, "per_process_batch_size": batch_size,
         "seeds": f"image i: noise from derive_seed({SeedPurpose.SAMPLE_NOISE}, global_seed, i), label "
@@ -484,7 +489,7 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
     logger.info(f"{run_dir}: sampling {len(todo)} of {num_batches} batches of {batch_size} "
                 f"({num_batches - len(todo)} already done) on {env.world_size} process(es)")
 
-    num_classes = loaded.config["num_classes"]
+    num_classes = unwrap(loaded.model).num_classes
     mine = todo[env.rank::env.world_size]
     for batch in tqdm(mine, desc="batches", disable=not env.is_main):
         indices = range(batch * batch_size, (batch + 1) * batch_size)
