@@ -27,9 +27,13 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=32, help="global calibration batch size")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--n-pruned", type=int, help="number of blocks to remove")
-    target.add_argument("--target-depth", type=int, help="number of blocks to keep")
-    parser.add_argument("--protect-first", type=int, default=0, help="never prune the first K blocks")
-    parser.add_argument("--protect-last", type=int, default=0, help="never prune the last K blocks")
+    target.add_argument("--target-depth", nargs="+", metavar="DEPTH",
+                        help="number of blocks to keep: one number over all blocks, or per stack (MAR: "
+                             "encoder=8 decoder=8, the least important blocks of each stack pruned within it)")
+    parser.add_argument("--protect-first", type=int, default=0,
+                        help="never prune the first K blocks (of each stack, with a per-stack --target-depth)")
+    parser.add_argument("--protect-last", type=int, default=0,
+                        help="never prune the last K blocks (of each stack, with a per-stack --target-depth)")
     parser.add_argument("--save-model", type=str, required=True)
     parser.add_argument("--save-scores", type=str, default=None,
                         help="scores JSON (default: next to --save-model, .scores.json)")

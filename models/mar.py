@@ -230,6 +230,11 @@ class MAR(nn.Module):
                 "num_sampling_steps": int(config["num_sampling_steps"])}
 
     @classmethod
+    def default_cfg_scale(cls, config: dict) -> float:
+        """The published guidance scale of the size of this width (B 2.9, L 3.0, H 3.2; others MAR-L's)."""
+        return MAR_CFG_SCALES.get(OFFICIAL_WIDTHS.get(config["encoder_embed_dim"]), MAR_CFG_SCALES["MAR-L"])
+
+    @classmethod
     def config_from_state_dict(cls, state_dict: dict, num_heads: int | None = None) -> dict:
         """Constructor arguments of a bare state dict in the official layout (`checkpoint-last.pth`).
 
@@ -597,3 +602,4 @@ OFFICIAL_NAMES = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"
 
 # Guidance scales of the official evaluations (README: linear schedule, temperature 1.0, 256 iterations).
 MAR_CFG_SCALES = {"MAR-B": 2.9, "MAR-L": 3.0, "MAR-H": 3.2}
+OFFICIAL_WIDTHS = {768: "MAR-B", 1024: "MAR-L", 1280: "MAR-H"}

@@ -134,8 +134,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt"
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4.0) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--cfg-scale", type=float, default=cfg_default,
-                       help="classifier-free guidance scale; 1.0 disables guidance")
+    group.add_argument("--cfg-scale", type=float, default=None,
+                       help=f"classifier-free guidance scale; 1.0 disables guidance. None: the family's published "
+                            f"scale (MAR-B/L/H 2.9/3.0/3.2, on the linear schedule), else {cfg_default:g}")
+    parser.set_defaults(default_cfg_scale=cfg_default)
     group.add_argument("--guide-all-channels", action="store_true",
                        help="guide every noise channel (the official code guides the first 3 only)")
     group.add_argument("--num-sampling-steps", type=positive_int, default=None,
@@ -143,7 +145,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
     group.add_argument("--sampler", choices=all_samplers(), default=None,
                        help="a sampler of the model's noise process; None: its first. Gaussian (DiT): ddpm "
                             "(ancestral), ddim (eta 0), dpm++ (diffusers' DPM-Solver++ 2M); transport (SiT): ode "
-                            "(probability flow), sde")
+                            "(probability flow), sde; masked tokens (MAR): mar (--num-sampling-steps are the "
+                            "token sampler's, 100 by default)")
     group = parser.add_argument_group("transport samplers (SiT); unset: the official defaults")
     group.add_argument("--sampling-method", type=str, default=None,
                        help="ode: dopri5 (adaptive, default), euler, heun, or another torchdiffeq method; "
@@ -157,6 +160,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
     group.add_argument("--last-step", type=str, default=None, choices=["Mean", "Tweedie", "Euler", "None"],
                        help="sde: the noiseless last step (Mean)")
     group.add_argument("--last-step-size", type=float, default=None, help="sde: size of the last step (0.04)")
+    group = parser.add_argument_group("masked-token sampler (MAR); unset: the official defaults")
+    group.add_argument("--num-iter", type=positive_int, default=None,
+                       help="mar: autoregressive iterations of the cosine masking schedule (64)")
+    group.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None,
+                       help="mar: guidance grows linearly with the generated tokens, or stays constant (linear)")
+    group.add_argument("--temperature", type=float, default=None,
+                       help="mar: scale of the token sampler's noise (1.0)")
     group.add_argument("--vae", type=str, default="auto",
                        help="auto (the codec the checkpoint records; for files that record none, SD-VAE ema for "
                             "4 channels and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local diffusers "

@@ -163,7 +163,8 @@ def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) ->
     s_shape, t_shape = tuple(unwrap(student.model).data_shape), tuple(unwrap(teacher.model).data_shape)
     if s_shape != t_shape:
         problems.append(f"inputs {s_shape} vs {t_shape}")
-    for key in ("num_classes", "hidden_size", "learn_sigma"):
+    for key in ("num_classes", "hidden_size", "learn_sigma", "class_num", "encoder_embed_dim", "decoder_embed_dim",
+                "patch_size", "diffloss_d", "diffloss_w"):
         if key in s and s.get(key) != t.get(key):
             problems.append(f"{key} {s.get(key)} vs {t.get(key)}")
     if problems:

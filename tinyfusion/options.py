@@ -106,7 +106,7 @@ class ScorePruningOptions(RuntimeOptions, ModelOptions):
     num_batches: int = 16
     batch_size: int = 32
     n_pruned: int | None = None
-    target_depth: int | None = None
+    target_depth: list[str] | None = None  # one depth, or per stack: STACK=DEPTH terms
     protect_first: int = 0
     protect_last: int = 0
     save_model: str = ""
@@ -130,7 +130,8 @@ class SamplingOptions(RuntimeOptions, ModelOptions):
     """The flags shared by sample.py and sample_ddp.py."""
 
     ckpt: str = ""
-    cfg_scale: float = 4.0
+    cfg_scale: float | None = None  # None: the family's published scale, else default_cfg_scale
+    default_cfg_scale: float = 4.0
     guide_all_channels: bool = False
     num_sampling_steps: int | None = None
     sampler: str | None = None
@@ -143,10 +144,13 @@ class SamplingOptions(RuntimeOptions, ModelOptions):
     diffusion_norm: float | None = None
     last_step: str | None = None
     last_step_size: float | None = None
+    num_iter: int | None = None
+    cfg_schedule: str | None = None
+    temperature: float | None = None
 
 
 SAMPLER_OPTION_FIELDS = ("sampling_method", "atol", "rtol", "diffusion_form", "diffusion_norm", "last_step",
-                         "last_step_size")
+                         "last_step_size", "num_iter", "cfg_schedule", "temperature")
 
 
 @dataclasses.dataclass

@@ -285,13 +285,21 @@ def sampler_options(args: SamplingOptions) -> dict:
     return {name: getattr(args, name) for name in SAMPLER_OPTION_FIELDS if getattr(args, name) is not None}
 
 
+def guidance_scale(args: SamplingOptions, loaded: LoadedModel) -> float:
+    """--cfg-scale, else the family's published scale (`default_cfg_scale(config)`), else the script's default."""
+    if args.cfg_scale is not None:
+        return args.cfg_scale
+    published = getattr(type(unwrap(loaded.model)), "default_cfg_scale", None)
+    return published(loaded.config) if published is not None else args.default_cfg_scale
+
+
 def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProcess, LatentCodec, SamplingSpec]:
     """The model, its process and codec, and the sampling spec of a sampling script's options."""
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
                                       num_heads=args.num_heads, vae=args.vae, device=rt.env.device, logger=rt.logger)
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
-                                    options=sampler_options(args), cfg_scale=args.cfg_scale,
+                                    options=sampler_options(args), cfg_scale=guidance_scale(args, loaded),
                                     guide_all_channels=args.guide_all_channels, precision=rt.precision)
     return loaded, process, codec, spec
 

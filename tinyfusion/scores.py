@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import BlockRecorder, flat_blocks, total_depth
+from models import BlockRecorder, flat_blocks, stack_depths, total_depth
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
@@ -33,26 +33,29 @@ CRITERIA = ("bi", "loss", "random")
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+def block_influence(model: nn.Module, batches: Iterable, call: Callable[[Any], Any] | None = None
                     ) -> tuple[torch.Tensor, int]:
     """ShortGPT's block influence summed over samples: sum of (1 - mean_tokens cos(h_in, h_out)).
 
     Args:
-        model: the model (eval mode), called as model(x, t, y).
-        inputs: batches of model inputs (x_t (N, C, H, W), t (N,), y (N,)); `NoiseProcess.model_input`
-            makes (x_t, t) from clean data and a process's draws.
+        model: the model (eval mode).
+        batches: the batches to score on.
+        call: runs the model on one batch; default `model(*batch)` for batches of denoiser inputs
+            (x_t (N, C, H, W), t (N,), y (N,)). Through a noise process:
+            `lambda b: process.predict(model, b["x"], b["draws"], dict(y=b["y"]))`.
     Returns:
         (per-block sums (depth,) float64 over the flat blocks, number of samples); divide for the mean.
     """
+    call = call or (lambda batch: model(*batch))
     blocks = flat_blocks(model)
     sums, count = torch.zeros(len(blocks), dtype=torch.float64), 0
     with BlockRecorder(blocks, inputs=True) as tap:
-        for x, t, y in inputs:
-            model(x, t, y)
+        for batch in batches:
+            call(batch)
             for i, h_out in tap.outputs.items():
                 cos = F.cosine_similarity(tap.inputs[i].float(), h_out.float(), dim=-1)  # (N, T)
                 sums[i] += (1.0 - cos.mean(dim=1)).double().sum().cpu()
-            count += x.shape[0]
+            count += tap.inputs[0].shape[0]
     return sums, count
 
 
@@ -111,6 +114,48 @@ def select_kept(scores: Sequence[float], n_pruned: int, protect_first: int = 0, 
     return [i for i in range(depth) if i not in set(pruned)]
 
 
+def stack_targets(target_depth: Sequence[str] | None, depths: dict[str, int], ckpt: str) -> dict[str, int] | None:
+    """Per-stack kept depths of a `--target-depth` written per stack (encoder=8 decoder=8), else None.
+
+    Raises:
+        ValueError: a stack missing, unknown or given a depth outside 1..its depth.
+    """
+    if not target_depth:
+        return None
+    if not any("=" in t for t in target_depth):
+        if len(target_depth) != 1 or not target_depth[0].isdigit():
+            raise ValueError(f"--target-depth {' '.join(target_depth)}: give one number, or one STACK=DEPTH per "
+                             f"stack ({', '.join(f'{n}=...' for n in depths)})")
+        return None
+    targets = {}
+    for term in target_depth:
+        name, _, value = term.partition("=")
+        if name not in depths:
+            raise ValueError(f"--target-depth {term}: {ckpt} has the stacks {', '.join(depths)}")
+        if not value.isdigit() or not 1 <= int(value) <= depths[name]:
+            raise ValueError(f"--target-depth {term}: keep between 1 and {depths[name]} blocks of {name!r}")
+        targets[name] = int(value)
+    missing = [n for n in depths if n not in targets]
+    if missing:
+        raise ValueError(f"--target-depth: give a depth for every stack; {missing[0]!r} has none")
+    if sum(targets.values()) == sum(depths.values()):
+        raise ValueError("--target-depth keeps every block: prune at least one")
+    return targets
+
+
+def select_kept_per_stack(scores: Sequence[float], targets: dict[str, int], depths: dict[str, int],
+                          protect_first: int = 0, protect_last: int = 0) -> list[int]:
+    """`select_kept` within each stack (flat indices): stack s keeps its targets[s] most important blocks."""
+    kept, offset = [], 0
+    for name, depth in depths.items():
+        local = list(scores[offset:offset + depth])
+        n_pruned = depth - targets[name]
+        chosen = range(depth) if n_pruned == 0 else select_kept(local, n_pruned, protect_first, protect_last)
+        kept += [offset + i for i in chosen]
+        offset += depth
+    return kept
+
+
 def format_score_table(scores: Sequence[float], kept: Sequence[int], criterion: str) -> str:
     order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
     rank = {i: r + 1 for r, i in enumerate(order)}
@@ -130,17 +175,24 @@ def run_prune_by_score(args: ScorePruningOptions) -> None:
     with bootstrap(args) as rt:
         source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
         depth = total_depth(source.model)
-        n_pruned = args.n_pruned if args.n_pruned is not None else depth - args.target_depth
-        if not 1 <= n_pruned <= depth - 1:
-            flag = f"--n-pruned {args.n_pruned}" if args.n_pruned is not None else f"--target-depth {args.target_depth}"
-            raise ValueError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
-                             f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
+        targets = stack_targets(args.target_depth, stack_depths(source.model), args.ckpt)
+        if targets is None:
+            n_pruned = args.n_pruned if args.n_pruned is not None else depth - int(args.target_depth[0])
+            if not 1 <= n_pruned <= depth - 1:
+                flag = (f"--n-pruned {args.n_pruned}" if args.n_pruned is not None
+                        else f"--target-depth {args.target_depth[0]}")
+                raise ValueError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
+                                 f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
         if args.criterion == "random":
             scores, count = random_scores(depth, args.global_seed), 0
         else:
             scores, count = _calibrated_scores(args, source, rt)
         if rt.env.is_main:
-            kept = select_kept(scores.tolist(), n_pruned, args.protect_first, args.protect_last)
+            if targets is None:
+                kept = select_kept(scores.tolist(), n_pruned, args.protect_first, args.protect_last)
+            else:
+                kept = select_kept_per_stack(scores.tolist(), targets, stack_depths(source.model), args.protect_first,
+                                             args.protect_last)
             rt.logger.info(f"{args.criterion} scores over {count} calibration samples:\n"
                            + format_score_table(scores.tolist(), kept, args.criterion))
             scores_path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +227,8 @@ def _calibrated_scores(args: ScorePruningOptions, source: LoadedModel, rt: Runti
                    f"{args.batch_size} ({rt.precision})")
     with autocast(rt.precision, env.device):
         if args.criterion == "bi":
-            sums, count = block_influence(model, [(*process.model_input(b["x"], b["draws"]), b["y"])
-                                                  for b in batches])
+            sums, count = block_influence(
+                model, batches, lambda b: process.predict(model, b["x"], b["draws"], dict(y=b["y"])))
         else:
             sums, count = loss_sensitivity(model, process, batches)
     totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)]).to(env.device))

@@ -31,9 +31,9 @@ def tiny_sit(seed: int = 0, randomize: bool = True, **overrides):
     return _tiny(SiT, seed, randomize, overrides)
 
 
-# A tiny pixel-space MAR: 8x8 one-channel images, 2x2 patches (16 tokens of 4 channels), 2 + 2 blocks.
+# A tiny pixel-space MAR: 8x8 RGB images, 2x2 patches (16 tokens of 12 channels), 2 + 2 blocks.
 TINY_MAR = dict(img_size=8, vae_stride=1, patch_size=2, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, vae_embed_dim=1, class_num=10,
+                decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, vae_embed_dim=3, class_num=10,
                 attn_dropout=0.0, proj_dropout=0.0, buffer_size=2, diffloss_d=1, diffloss_w=32,
                 num_sampling_steps="4", diffusion_batch_mul=2)
 
