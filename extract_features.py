@@ -35,7 +35,8 @@ def parse_args(argv=None):
                         help="the model the features are for: checks that its input channels and patch size "
                              "fit the latents (no weights are loaded)")
     parser.add_argument("--vae", type=str, default="ema",
-                        help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixels)")
+                        help="ema or mse (stabilityai/sd-vae-ft-*), a local diffusers folder, kl16 (MAR's KL-16 at "
+                             "pretrained_models/vae/kl16.ckpt) or a path to a kl16.ckpt, or none (pixels)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the ADM center crop")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="also store each image's horizontal mirror; turn off for data whose mirror "

@@ -169,8 +169,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
                        help="mar: scale of the token sampler's noise (1.0)")
     group.add_argument("--vae", type=str, default="auto",
                        help="auto (the codec the checkpoint records; for files that record none, SD-VAE ema for "
-                            "4 channels and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local diffusers "
-                            "folder, or none (pixels)")
+                            "4 channels, KL-16 for 16 and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local "
+                            "diffusers folder, kl16 or a path to MAR's kl16.ckpt, or none (pixels)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int, ema_decay: float | None,

@@ -282,8 +282,8 @@ def _gather_skipped(root: Path, num_shards: int) -> list[dict]:
 
 
 def _vae_id(name: str) -> str:
-    """The VAE as recorded: a folder by its absolute path, so a run from another directory matches."""
-    if name == "none" or name in HUB_VAES or not os.path.isdir(name):
+    """The VAE as recorded: a folder or file by its absolute path, so a run from another directory matches."""
+    if name in ("none", "kl16") or name in HUB_VAES or not os.path.exists(name):
         return name
     return str(Path(name).resolve())
 

@@ -128,7 +128,8 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
     codec = load_codec(spec, device)
     produced = codec.latent_channels()
     if in_channels != produced:
-        fix = ("this is a latent-space model: pass --vae ema or --vae mse (or a VAE folder)" if codec.vae is None
+        vaes = "--vae kl16 (or a kl16.ckpt)" if in_channels == 16 else "--vae ema or --vae mse (or a VAE folder)"
+        fix = (f"this is a latent-space model: pass {vaes}" if codec.vae is None
                else "pass the VAE the model was trained with, or --vae none for a pixel-space model")
         raise ValueError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {spec} makes "
                          f"{produced}-channel ones; {fix}")
