@@ -24,7 +24,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
     parser.add_argument("--sampling-steps", type=int, default=0,
                         help="also time the whole sampling loop with this many steps (0: skip)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
+                        help="Gaussian sampler of DiTs; other families use their process's default (MAR: mar)")
+    parser.add_argument("--num-iter", type=int, default=64, help="MAR: iterations of its masked sampling")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--compare-diffusers", action="store_true",
                         help="also time diffusers' DiTTransformer2DModel with DiT-XL/2's configuration")

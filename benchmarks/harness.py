@@ -2,7 +2,11 @@
 
 Timings synchronise CUDA around every measured call, discard warm-up calls (autotuning, lazy
 initialisation, torch.compile) and report the median. Ideal speedups come from FLOPs counted by
-torch's FlopCounterMode on the meta device (no weights needed).
+torch's FlopCounterMode on one call of a single image (FLOPs grow linearly with the batch).
+
+A model's forward is what training and the samplers call: a denoiser's model(x_t, t, y); a masked-token
+model's (MAR) call through its process (the encoder on the visible tokens, the decoder, the diffusion
+MLP on the copies of every token).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ARCHITECTURES, GatedModel, build_architecture, create_model, prune_depth, total_depth
+from models import ARCHITECTURES, GatedModel, build_architecture, create_model, prune_depth, total_depth, unwrap
 from processes import NoiseProcess, create_process
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
@@ -100,15 +104,10 @@ def peak_memory(device: torch.device):
             out["memory"] = "process peak RSS"
 
 
-def forward_flops(arch: str, config: dict, batch_size: int = 1) -> int:
-    """FLOPs (2 per multiply-add) of one forward pass, counted on the meta device."""
-    with torch.device("meta"):
-        model = build_architecture(arch, config).eval()
-        size, channels = config["input_size"], config["in_channels"]
-        x = torch.empty(batch_size, channels, size, size)
-        t = torch.zeros(batch_size, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            model(x, t, t)
+def forward_flops(call: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) of one call, counted by running it."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call()
     return int(counter.get_total_flops())
 
 
@@ -142,13 +141,18 @@ def process_of(config: dict, arch: str = "DiT") -> NoiseProcess:
     return create_process(ARCHITECTURES[arch].default_process(config))
 
 
-def _inputs(config: dict, batch_size: int, device: torch.device):
+def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Callable[[], object]:
+    """One forward of `bm` on a random batch of `batch_size` (see the module's docstring)."""
     g = torch.Generator().manual_seed(0)
-    size, channels = config["input_size"], config["in_channels"]
-    x = torch.randn(batch_size, channels, size, size, generator=g).to(device)
-    t = process_of(config).draw(g, batch_size, (), torch.device("cpu"))["t"].to(device)
-    y = torch.randint(0, config["num_classes"], (batch_size,), generator=g).to(device)
-    return x, t, y
+    inner = unwrap(bm.model)
+    process = process_of(bm.config, bm.arch)
+    x = torch.randn(batch_size, *inner.data_shape, generator=g).to(device)
+    y = torch.randint(0, inner.num_classes, (batch_size,), generator=g).to(device)
+    draws = {k: v.to(device) for k, v in process.draw(g, batch_size, inner.data_shape, torch.device("cpu")).items()}
+    if process.drives_model:
+        return lambda: process.predict(bm.model, x, draws, {"y": y})
+    x_t, t = process.model_input(x, draws)
+    return lambda: bm.model(x_t, t, y)
 
 
 #################################################################################
@@ -170,17 +174,17 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                 calls = []
                 for bm in models:
                     fn = torch.compile(bm.model) if compiled else bm.model
-                    x, t, y = _inputs(bm.config, batch_size, device)
+                    call = forward_call(dataclasses.replace(bm, model=fn), batch_size, device)
 
-                    def forward(fn=fn, x=x, t=t, y=y):
+                    def forward(call=call):
                         with torch.no_grad(), autocast(precision, device):
-                            fn(x, t, y)
+                            call()
 
                     calls.append(forward)
                 timings = time_interleaved(calls, device, warmup, repeats)
                 baseline = None
                 for bm, (times, memory) in zip(models, timings):
-                    flops = forward_flops(bm.arch, bm.config, batch_size)
+                    flops = forward_flops(forward_call(bm, 1, device)) * batch_size
                     latency = statistics.median(times)
                     row = {"model": bm.name, "depth": total_depth(bm.model),
                            "params_m": parameter_count(bm.model) / 1e6,
@@ -196,18 +200,28 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
 
 
 def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int, cfg_scale: float, sampler: str,
-                   precision: str, device: torch.device, repeats: int, log: logging.Logger) -> list[dict]:
-    """Images per second of the whole sampling loop (latents; the VAE decode is not included)."""
+                   precision: str, device: torch.device, repeats: int, log: logging.Logger,
+                   options: dict | None = None) -> list[dict]:
+    """Images per second of the whole sampling loop (latents; the VAE decode is not included).
+
+    `sampler` is used where the model's process offers it, else the process's default sampler (MAR:
+    "mar", its `num_iter` from `options`); `num_steps` are the sampler's steps (MAR: the token sampler's).
+    """
     rows = []
-    spec = SamplingSpec(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, precision=precision)
     for bm in models:
-        labels = torch.arange(batch_size, device=device) % bm.config["num_classes"]
+        labels = torch.arange(batch_size, device=device) % unwrap(bm.model).num_classes
         seeds = image_seeds(0, range(batch_size))
         process = process_of(bm.config, bm.arch)
-        times = time_call(lambda bm=bm: sample_latents(bm.model, process, labels, seeds, spec), device, 1, repeats)
+        chosen = sampler if sampler in process.samplers else process.samplers[0]
+        given = {k: v for k, v in (options or {}).items() if k in process.sampler_options.get(chosen, {})}
+        spec = SamplingSpec.for_process(process, sampler=chosen, num_steps=num_steps, options=given,
+                                        cfg_scale=cfg_scale, precision=precision)
+        times = time_call(lambda bm=bm, spec=spec, process=process: sample_latents(
+            bm.model, process, labels, seeds, spec), device, 1, repeats)
         seconds = statistics.median(times)
-        row = {"model": bm.name, "batch": batch_size, "sampler": sampler, "steps": num_steps, "cfg": cfg_scale,
-               "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds}
+        row = {"model": bm.name, "batch": batch_size, "sampler": spec.sampler_name(), "steps": num_steps,
+               "cfg": cfg_scale, "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds,
+               **({"num_iter": spec.options["num_iter"]} if "num_iter" in spec.options else {})}
         rows.append(row)
         log.info(format_table([row], SAMPLING_COLUMNS, header=False))
     return rows
@@ -399,9 +413,10 @@ def run_forward_benchmark(args) -> dict:
                                         args.warmup, args.repeats, log)}
     if args.sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
-        results["sampling"] = bench_sampling([m for m in models if m.arch == "DiT" and hasattr(m.model, "y_embedder")],
+        results["sampling"] = bench_sampling([m for m in models if hasattr(unwrap(m.model), "data_shape")],
                                              args.batch_sizes[0], args.sampling_steps, args.cfg_scale, args.sampler,
-                                             args.precisions[0], env.device, args.repeats, log)
+                                             args.precisions[0], env.device, args.repeats, log,
+                                             options={"num_iter": args.num_iter})
     print("\n" + format_table(results["forward"], FORWARD_COLUMNS))
     if "sampling" in results:
         print("\n" + format_table(results["sampling"], SAMPLING_COLUMNS))
