@@ -81,6 +81,8 @@ class MAR(nn.Module):
     """
 
     arch = "MAR"
+    # The published training recipe's AdamW (main_mar.py): train.py and train_masked_kd.py default to it.
+    optimizer_recipe = {"betas": (0.9, 0.95), "weight_decay": 0.02}
     # Two prunable stacks (models.stacks): the encoder's blocks, then the decoder's (flat index E + j).
     stacks = {"encoder": ("encoder_blocks", "encoder_depth", None),
               "decoder": ("decoder_blocks", "decoder_depth", None)}

@@ -208,7 +208,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
     group.add_argument("--lr", type=float, default=lr)
     group.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
-    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--weight-decay", type=float, default=None,
+                       help="AdamW weight decay; None: the family's recipe in train.py and train_masked_kd.py "
+                            "(DiT, SiT 0; MAR 0.02), else 0")
+    group.add_argument("--adam-betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                       help="AdamW betas; None: the family's recipe in train.py and train_masked_kd.py (DiT, SiT "
+                            "0.9 0.999; MAR 0.9 0.95), else 0.9 0.999")
     group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     group.add_argument("--ema-decay", type=float, default=ema_decay, help=ema_help or "EMA decay of the weights")
 

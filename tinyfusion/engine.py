@@ -64,6 +64,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     precision: str = "fp32"
@@ -300,7 +301,8 @@ class Trainer:
             group.setdefault("lr", config.lr)
             group["base_lr"] = group["lr"]
         # Adam's default eps; weight decay 0 by default, as DiT.
-        self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay,
+                                           betas=tuple(config.betas))
         self.scaler = grad_scaler(config.precision, env.device)
         self.ddp_model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
             if env.distributed else model

@@ -34,6 +34,7 @@ from .training import (
     start_run,
     total_steps,
     train_config,
+    with_family_recipe,
 )
 
 #################################################################################
@@ -181,6 +182,7 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
     with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd",
                    outputs={"--save-model": args.save_model}) as run:
         student = model_for_training(args, run.dataset, run.logger)
+        args = with_family_recipe(args, student.model)
         teacher = load_model(args.load_teacher, args.teacher, weights=args.teacher_weights,
                              num_heads=args.num_heads)
         check_teacher_fits(student, teacher, args.load_teacher)

@@ -51,7 +51,8 @@ class TrainingOptions(RuntimeOptions, ModelOptions):
     lr: float = 1e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the family's recipe (train.py, train_masked_kd.py), else 0
+    adam_betas: list[float] | None = None  # None: the family's recipe, else (0.9, 0.999)
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     global_seed: int = 0

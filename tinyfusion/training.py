@@ -132,11 +132,25 @@ def train_config(args: TrainingOptions, run: Run, steps: int) -> TrainConfig:
     return TrainConfig(
         run_dir=run.run_dir, global_batch_size=args.global_batch_size, total_steps=steps, lr=args.lr,
         micro_batch_size=args.micro_batch_size, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        weight_decay=args.weight_decay or 0.0, betas=tuple(args.adam_betas or DEFAULT_RECIPE["betas"]),
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         precision=run.precision, log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last,
         num_workers=args.num_workers, global_seed=args.global_seed, max_nonfinite_steps=args.max_nonfinite_steps,
         tensorboard=args.tensorboard,
     )
+
+
+# AdamW's defaults, DiT's recipe (its official training passes weight_decay=0).
+DEFAULT_RECIPE = {"betas": (0.9, 0.999), "weight_decay": 0.0}
+
+
+def with_family_recipe(args: TrainingOptions, model: nn.Module) -> TrainingOptions:
+    """The options with --weight-decay and --adam-betas, where not given, from the model family's published
+    recipe (its class's `optimizer_recipe`, e.g. MAR's betas (0.9, 0.95) and weight decay 0.02)."""
+    recipe = {**DEFAULT_RECIPE, **getattr(type(unwrap(model)), "optimizer_recipe", {})}
+    return dataclasses.replace(
+        args, weight_decay=args.weight_decay if args.weight_decay is not None else recipe["weight_decay"],
+        adam_betas=list(args.adam_betas) if args.adam_betas is not None else list(recipe["betas"]))
 
 
 def run_settings(args, **resolved) -> dict:
@@ -223,6 +237,7 @@ def run_train(args: TrainOptions) -> None:
     name = Path(args.load_weight).stem if args.load_weight else (args.model or "model").replace("/", "-")
     with start_run(args, default_prefix=f"{name}-train", outputs={"--save-model": args.save_model}) as run:
         loaded = model_for_training(args, run.dataset, run.logger)
+        args = with_family_recipe(args, loaded.model)
         model = loaded.model.to(run.env.device)
         if args.grad_checkpointing:
             model.gradient_checkpointing = True
