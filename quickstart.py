@@ -24,11 +24,12 @@ from tinyfusion.cli import run_script
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--out", type=str, default=None,
-                        help="output folder, reused by a rerun (default: results/quickstart, -sit for --family sit, "
-                             "-fast for --fast)")
-    parser.add_argument("--family", choices=["dit", "sit"], default="dit",
-                        help="the teacher: DiT-Nano/2 on the Gaussian diffusion, or SiT-Nano/2 on the Linear "
-                             "velocity transport (sampled with Heun on the probability-flow ODE)")
+                        help="output folder, reused by a rerun (default: results/quickstart, -sit or -mar for "
+                             "--family sit or mar, -fast for --fast)")
+    parser.add_argument("--family", choices=["dit", "sit", "mar"], default="dit",
+                        help="the teacher: DiT-Nano/2 on the Gaussian diffusion, SiT-Nano/2 on the Linear "
+                             "velocity transport (sampled with Heun on the probability-flow ODE), or MAR-Nano (2x2 "
+                             "pixel tokens, 4 + 4 blocks, a per-token diffusion head; 8 masked iterations)")
     parser.add_argument("--fast", action="store_true", help="tiny budgets: checks every stage in about 2 minutes")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes of the distributed scripts (torchrun); default 2, and 1 with --fast")

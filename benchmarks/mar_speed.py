@@ -49,7 +49,7 @@ def parse_args(argv=None):
 def pruned_pair(name: str, image_size: int, device: torch.device) -> list[BenchModel]:
     """The model and its one-of-each-pair pruned version (every stack halved), random weights."""
     torch.manual_seed(0)
-    full = create_model(name, input_size=image_size // 16).eval()
+    full = create_model(name, img_size=image_size).eval()
     kept, offset = [], 0
     for depth in stack_depths(full).values():
         kept += [offset + i for i in range(0, depth, 2)]

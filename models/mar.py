@@ -591,12 +591,13 @@ def _factory(width: int, depth: int, num_heads: int, diffloss_d: int, diffloss_w
 
 # The official presets (mar_base / mar_large / mar_huge) with the DiffLoss MLP of the released checkpoints
 # (official README: 6 x 1024, 8 x 1280, 12 x 1536), buffer 64 and LayerNorm eps 1e-6. MAR-Nano is not
-# official: a small pixel-space MAR (patches of 2x2 pixels) for small data and CPU runs.
+# official: a small pixel-space MAR (patches of 2x2 pixels) for small data and CPU runs, its diffusion MLP
+# about a third of a training forward's cost, as MAR-L's.
 MAR_models = {
     "MAR-B": _factory(768, 12, 12, diffloss_d=6, diffloss_w=1024),
     "MAR-L": _factory(1024, 16, 16, diffloss_d=8, diffloss_w=1280),
     "MAR-H": _factory(1280, 20, 16, diffloss_d=12, diffloss_w=1536),
-    "MAR-Nano": _factory(64, 4, 4, diffloss_d=2, diffloss_w=128, vae_stride=1, patch_size=2, buffer_size=4,
+    "MAR-Nano": _factory(64, 4, 4, diffloss_d=2, diffloss_w=64, vae_stride=1, patch_size=2, buffer_size=4,
                          attn_dropout=0.0, proj_dropout=0.0, num_sampling_steps="50"),
 }
 # The official training arguments name the sizes so (`--model mar_large`); a checkpoint's args say which.

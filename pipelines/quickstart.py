@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from models import total_depth
+from models import stack_depths, total_depth
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
 from tinyfusion.sampling import save_grid
 
@@ -41,9 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 # The families the quickstart runs (--family): the teacher's registry name and how its samples are drawn.
 # DiT: DDIM on the Gaussian diffusion; SiT: Heun on the probability-flow ODE of the Linear velocity
 # transport (the same number of grid points; Heun calls the model twice per step).
+# MAR: 8 masked iterations for its 16 tokens, each token drawn by 50 steps of the ancestral sampler of its
+# diffusion head (cheap next to the iterations: a small MLP on one token), guidance on the linear schedule.
 FAMILIES = {
     "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"]},
     "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"]},
+    "mar": {"teacher": "MAR-Nano", "sampler": ["--sampler", "mar", "--num-iter", "8"], "sampling_steps": 50},
 }
 
 
@@ -266,7 +269,8 @@ class Quickstart:
         with tqdm(total=steps, desc="quickstart", unit="step") as self._bar:
             real_a, real_b, classifier = self.prepare_data()
             teacher = self.train_teacher()
-            self.depth = self._teacher_depth(teacher)
+            self.stacks = self._teacher_stacks(teacher)
+            self.depth = sum(self.stacks.values())
             if self.exhaustive:
                 self._bar.total += 3 * len(one_of_each_pair(self.depth))
             pruned = dict(zip([*METHODS, *ablations],
@@ -290,10 +294,17 @@ class Quickstart:
         return self.report(models, fid, latency, pruned)
 
     @staticmethod
-    def _teacher_depth(teacher: Path) -> int:
+    def _teacher_stacks(teacher: Path) -> dict[str, int]:
         from tinyfusion.checkpoint import load_model
 
-        return total_depth(load_model(teacher).model)
+        return stack_depths(load_model(teacher).model)
+
+    def half_depth(self) -> list[str]:
+        """--target-depth of the score baselines: half of the blocks, per stack for a model of several (MAR's
+        encoder and decoder each keep half, as TinyMAR-D16 and the 1:2 groups do)."""
+        if len(self.stacks) == 1:
+            return [str(self.depth // 2)]
+        return [f"{name}={depth // 2}" for name, depth in self.stacks.items()]
 
     def every_pattern(self, teacher: Path) -> dict[str, Path]:
         """--exhaustive: every 1:2 pattern cut from the teacher, recovered with the same budget, sampled."""
@@ -377,7 +388,7 @@ class Quickstart:
             extra = [] if method == "random" else ["--data-path", str(self.path("data", "features")),
                                                    "--num-batches", "4", "--batch-size", str(b.batch_size)]
             self.script(f"prune-{method}", ["prune_by_score.py", "--ckpt", str(teacher), "--criterion", method,
-                                            "--target-depth", str(self.depth // 2), "--global-seed", str(self.seed),
+                                            "--target-depth", *self.half_depth(), "--global-seed", str(self.seed),
                                             *extra,
                                             "--save-model", str(out)], distributed=True, output=out)
         return out
@@ -413,7 +424,8 @@ class Quickstart:
         self.script(f"sample-{name}", ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples",
                                        str(b.num_samples), "--per-proc-batch-size", "128",
                                        *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
-                                       str(b.sampling_steps), "--cfg-scale", str(b.cfg_scale),
+                                       str(FAMILIES[self.family].get("sampling_steps", b.sampling_steps)),
+                                       "--cfg-scale", str(b.cfg_scale),
                                        "--global-seed", str(self.seed), "--sample-dir",
                                        str(self.path("samples", "parts")), "--npz", str(npz)], distributed=True,
                     output=npz)
@@ -567,7 +579,7 @@ def _grid(npz: Path, png: Path, per_class: int = 8, max_classes: int = 10, min_s
 
 
 def default_out(family: str, fast: bool) -> str:
-    """results/quickstart, with -sit for the SiT family and -fast for --fast: a fast run never lands in
+    """results/quickstart, with -sit / -mar for the other families and -fast for --fast: a fast run never lands in
     (and is never refused by) the folder of a full one."""
     return "results/quickstart" + ("" if family == "dit" else f"-{family}") + ("-fast" if fast else "")
 

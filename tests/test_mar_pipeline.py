@@ -225,6 +225,8 @@ def test_prune_both_stacks_distil_and_sample_a_mar(mar, tmp_path):
     assert by_index.lineage["kept_indices"] == [1, 2]
     torch.testing.assert_close(by_index.model.decoder_blocks[0].mlp.fc1.weight,
                                load_model(teacher).model.decoder_blocks[0].mlp.fc1.weight, atol=0, rtol=0)
+    run_cli(["prune_by_index.py", "--ckpt", teacher, "--preset", "oracle", "--save-model", str(tmp_path / "oracle.pt")])
+    assert load_model(tmp_path / "oracle.pt").lineage["kept_indices"] == [0, 2]  # BK-SDM's pattern in each stack
     run_cli(["prune_by_score.py", "--ckpt", teacher, "--criterion", "bi", "--data-path", data, "--num-batches", "2",
              "--batch-size", "8", "--target-depth", "encoder=1", "decoder=1", "--save-model",
              str(tmp_path / "bi.pt")])
@@ -270,3 +272,11 @@ def test_prune_both_stacks_distil_and_sample_a_mar(mar, tmp_path):
              str(tmp_path / "fx.pt"), "--out", str(tmp_path / "fid.json")])
     metrics = json.loads((tmp_path / "fid.json").read_text())["metrics"]
     assert np.isfinite(metrics["fid"])
+
+
+def test_lora_on_the_blocks_adapts_every_linear_of_both_stacks():
+    from tinyfusion.lora import lora_linear_names
+
+    names = lora_linear_names(tiny_mar(), ["blocks"])
+    assert len(names) == 4 * 4 and all(n.startswith(("encoder_blocks.", "decoder_blocks.")) for n in names)
+    assert "decoder_blocks.1.mlp.fc2" in names

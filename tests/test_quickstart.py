@@ -52,6 +52,16 @@ def test_fast_and_full_runs_have_their_own_folders():
     assert default_out("dit", fast=False) == "results/quickstart"
     assert default_out("dit", fast=True) == "results/quickstart-fast"
     assert default_out("sit", fast=False) == "results/quickstart-sit"
+    assert default_out("mar", fast=True) == "results/quickstart-mar-fast"
+
+
+def test_mar_score_baselines_keep_half_of_each_stack(tmp_path):
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, family="mar")
+    assert quickstart.teacher_model == "MAR-Nano"
+    quickstart.stacks, quickstart.depth = {"encoder": 4, "decoder": 4}, 8
+    assert quickstart.half_depth() == ["encoder=2", "decoder=2"]
+    quickstart.stacks, quickstart.depth = {"blocks": 8}, 8
+    assert quickstart.half_depth() == ["4"]
 
 
 def test_a_failing_step_stops_with_its_command_and_output(tmp_path):
@@ -93,6 +103,18 @@ def test_forward_benchmark_smallest(tmp_path):
     assert pruned["ideal_speedup"] > 1.0 and pruned["depth"] == 2  # fewer FLOPs than DiT-Nano/2
     assert all(r["latency_ms"] > 0 and r["peak_mib"] > 0 for r in result["forward"])
     assert "| model | depth |" in proc.stdout
+
+
+def test_mar_speed_benchmark_smallest(tmp_path):
+    out = tmp_path / "mar.json"
+    proc = run_cli(["-m", "benchmarks.mar_speed", "--model", "MAR-Nano", "--image-size", "8", "--batch-size", "2",
+                    "--num-iter", "2", "--num-sampling-steps", "2", "--warmup", "0", "--repeats", "1", "--device",
+                    "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    full, pruned = result["forward"]
+    assert (full["depth"], pruned["depth"]) == (8, 4) and pruned["ideal_speedup"] > 1.3
+    assert [r["sampler"] for r in result["sampling"]] == ["mar", "mar"] and result["sampling_speedup"] > 0
+    assert "sampling speedup" in proc.stdout
 
 
 def test_training_benchmark_smallest(tmp_path):

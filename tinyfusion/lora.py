@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from models import flat_blocks
 
-# Every Linear of a DiT block: attention, MLP and the adaLN modulation (`--lora-targets blocks`).
+# The Linears of a DiT block: attention, MLP and the adaLN modulation (a MAR block has no adaLN).
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
 # What `--lora-targets` may say besides layer names: "all" adapts every Linear of the model (the
 # embedders and the final layer too), as the reference TinyFusion does; "blocks" those of the blocks.
@@ -28,7 +28,7 @@ def lora_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS
     if targets == ["all"]:
         return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if targets == ["blocks"]:
-        return block_linear_names(model, BLOCK_TARGETS)
+        return block_linear_names(model, ["re:.*"])  # every Linear of the blocks, whatever the family
     if set(targets) & set(TARGET_SETS):
         raise ValueError(f"--lora-targets {' '.join(targets)}: 'all' and 'blocks' stand alone; give one of them, or "
                          "layer names within a block (e.g. attn.qkv mlp.fc1)")
