@@ -82,11 +82,27 @@ def _extract(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: Sequence
     return res.expand(broadcast_shape)
 
 
-def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+class NoiseStream:
+    """Noise drawn beforehand, handed out in order: the k-th `_randn_like` call of a loop given this as its
+    generator returns draws[k]. Lets a caller draw a loop's noise in a few large calls."""
+
+    def __init__(self, draws: Sequence[torch.Tensor]):
+        self._draws = iter(draws)
+
+    def next_like(self, x: torch.Tensor) -> torch.Tensor:
+        draw = next(self._draws, None)
+        if draw is None or draw.shape != x.shape:
+            raise ValueError(f"the noise stream has no draw of shape {tuple(x.shape)} left")
+        return draw.to(device=x.device, dtype=x.dtype)
+
+
+def _randn_like(x: torch.Tensor, generator: Generators | NoiseStream) -> torch.Tensor:
     """Standard normal noise shaped like x; with a list of generators, sample i draws from generator i.
 
     Per-sample generators make a sample a function of its own seed, whatever batch it is in.
     """
+    if isinstance(generator, NoiseStream):
+        return generator.next_like(x)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if len(generator) != x.shape[0]:

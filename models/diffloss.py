@@ -209,7 +209,9 @@ class DiffLoss(nn.Module):
                 twin as in the official code. Drawn when None.
             generator: None (torch's global generator), one torch.Generator, or a sequence of N, one
                 per row: row i then draws its start noise (with cfg, row i < M; row M + i shares it)
-                and its step noises from generator i alone.
+                and its step noises from generator i alone. Consecutive rows of one generator (an
+                image's tokens) draw together: first the start noise of its rows, then all the step
+                noises of its rows at once (num_steps, k, C), so a loop costs a few draws per image.
             num_steps: respaced steps of the sampler; None: `num_sampling_steps` (gen_diffusion).
         Returns:
             (N, C) sampled tokens; with cfg != 1 both halves are returned, the first is the guided sample.
@@ -222,15 +224,23 @@ class DiffLoss(nn.Module):
             model_fn, model_kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
             model_fn, model_kwargs = self.net.forward, dict(c=z)
+        per_row = generator is not None and not isinstance(generator, torch.Generator)
+        if per_row and len(generator) != z.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {z.shape[0]} rows; pass one per row")
         if noise is None:
-            per_row = generator is not None and not isinstance(generator, torch.Generator)
-            start_gens = list(generator)[:n] if per_row else generator
-            noise = gd._randn_like(torch.empty(n, channels, device=z.device, dtype=z.dtype), start_gens)
+            if per_row:
+                noise = _grouped_randn(list(generator)[:n], (channels,), z.device, z.dtype)
+            else:
+                noise = gd._randn_like(torch.empty(n, channels, device=z.device, dtype=z.dtype), generator)
         if tuple(noise.shape) != (n, channels):
             raise ValueError(f"the starting noise must have shape {(n, channels)}, got {tuple(noise.shape)}")
         if cfg != 1.0:
             noise = torch.cat([noise, noise], dim=0)  # (2M, C)
         diffusion = self.gen_diffusion if num_steps is None else self._respaced_diffusion(num_steps)
+        if per_row:  # every step's noise at once, per image: (steps, N, C), used in loop order
+            steps = diffusion.num_timesteps
+            draws = _grouped_randn(list(generator), (steps, channels), z.device, z.dtype).transpose(0, 1)
+            generator = gd.NoiseStream(list(draws))
         return diffusion.p_sample_loop(model_fn, noise.shape, noise, clip_denoised=False,
                                        model_kwargs=model_kwargs, progress=False, generator=generator,
                                        temperature=temperature)  # (N, C)
@@ -241,3 +251,18 @@ class DiffLoss(nn.Module):
         if key not in self._respaced:
             self._respaced[key] = create_diffusion(timestep_respacing=key, noise_schedule="cosine")
         return self._respaced[key]
+
+
+def _grouped_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(N, *shape) standard normal rows, row i from generators[i]; a run of consecutive rows sharing one
+    generator is drawn in one call, (k, *shape)."""
+    parts, start = [], 0
+    while start < len(generators):
+        end = start
+        while end < len(generators) and generators[end] is generators[start]:
+            end += 1
+        g = generators[start]
+        parts.append(torch.randn((end - start, *shape), generator=g, device=g.device, dtype=dtype).to(device))
+        start = end
+    return torch.cat(parts) if parts else torch.empty((0, *shape), device=device, dtype=dtype)
