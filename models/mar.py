@@ -27,10 +27,8 @@ from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
-import scipy.stats as stats
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from .diffloss import DiffLoss
@@ -129,6 +127,10 @@ class MAR(nn.Module):
             diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
             diffusion_batch_mul=diffusion_batch_mul, grad_checkpointing=grad_checkpointing,
         )
+        # timm's ViT block, as the official MAR; imported here, not at the top: timm takes seconds to import
+        # and every script imports the registry.
+        from timm.models.vision_transformer import Block
+
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
         # VAE latent and tokens
@@ -149,7 +151,7 @@ class MAR(nn.Module):
 
         # Masking ratio of training: a left-truncated Gaussian centred at 1 with std 0.25 (paper section 3.4).
         self.mask_ratio_min = mask_ratio_min
-        self.mask_ratio_generator = stats.truncnorm((mask_ratio_min - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
+        self._mask_ratio_generator = None  # scipy's truncnorm, built on first use (`mask_ratio_generator`)
 
         # Encoder
         self.z_proj = nn.Linear(self.token_embed_dim, encoder_embed_dim, bias=True)
@@ -287,6 +289,16 @@ class MAR(nn.Module):
             buffer_size=buffer_size, diffloss_d=depth("diffloss.net.res_blocks"),
             diffloss_w=state_dict["diffloss.net.input_proj.weight"].shape[0],
         )
+
+    @property
+    def mask_ratio_generator(self):
+        """The official masking-ratio distribution: scipy's truncnorm((min - 1) / 0.25, 0, loc=1, scale=0.25)."""
+        if self._mask_ratio_generator is None:
+            import scipy.stats
+
+            self._mask_ratio_generator = scipy.stats.truncnorm((self.mask_ratio_min - 1.0) / 0.25, 0, loc=1.0,
+                                                               scale=0.25)
+        return self._mask_ratio_generator
 
     # ----------------------------------------------------------------- tokens
 

@@ -97,13 +97,14 @@ def check_model_inputs(model_name: str, codec: LatentCodec, image_size: int) -> 
     arch, fixed, _ = registry_spec(model_name)
     defaults = {name: p.default for name, p in inspect.signature(ARCHITECTURES[arch]).parameters.items()}
     config = {**defaults, **fixed}
-    channels, expected = codec.latent_channels(), config.get("in_channels", config.get("vae_embed_dim"))
+    key = "in_channels" if "in_channels" in config else "vae_embed_dim"  # MAR names its input channels so
+    channels, expected = codec.latent_channels(), config[key]
     if channels != expected:
         vaes = "--vae kl16, as MAR" if "vae_embed_dim" in config else "--vae ema or mse, as DiT"
         raise ValueError(
             f"--model {model_name} takes {expected}-channel inputs, but --vae {codec.name} gives {channels} "
             f"channels; use a VAE with {expected} latent channels ({vaes}), or leave out "
-            f"--model when the features are for a model built with {channels} input channels")
+            f"--model when the features are for a model built with {key}={channels}")
     patch = config["patch_size"]
     latent_size = latent_size_of(codec, image_size)
     if latent_size % patch:
