@@ -207,7 +207,7 @@ def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int
     `sampler` is used where the model's process offers it, else the process's default sampler (MAR:
     "mar", its `num_iter` from `options`); `num_steps` are the sampler's steps (MAR: the token sampler's).
     """
-    rows = []
+    calls, specs = [], []
     for bm in models:
         labels = torch.arange(batch_size, device=device) % unwrap(bm.model).num_classes
         seeds = image_seeds(0, range(batch_size))
@@ -216,8 +216,12 @@ def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int
         given = {k: v for k, v in (options or {}).items() if k in process.sampler_options.get(chosen, {})}
         spec = SamplingSpec.for_process(process, sampler=chosen, num_steps=num_steps, options=given,
                                         cfg_scale=cfg_scale, precision=precision)
-        times = time_call(lambda bm=bm, spec=spec, process=process: sample_latents(
-            bm.model, process, labels, seeds, spec), device, 1, repeats)
+        calls.append(lambda bm=bm, spec=spec, process=process, labels=labels, seeds=seeds: sample_latents(
+            bm.model, process, labels, seeds, spec))
+        specs.append(spec)
+    rows = []
+    # in turns, as the forward passes: the ratio of two models' runs stays fair on a drifting host
+    for bm, spec, (times, _) in zip(models, specs, time_interleaved(calls, device, 1, repeats)):
         seconds = statistics.median(times)
         row = {"model": bm.name, "batch": batch_size, "sampler": spec.sampler_name(), "steps": num_steps,
                "cfg": cfg_scale, "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds,
