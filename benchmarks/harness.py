@@ -32,6 +32,7 @@ from processes import NoiseProcess, create_process
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
 from tinyfusion.engine import TrainConfig, Trainer
+from tinyfusion.errors import UserError
 from tinyfusion.features import FeatureDataset, write_index, write_shard
 from tinyfusion.fileio import atomic_write_json
 from tinyfusion.kd import MaskedKDTask
@@ -131,7 +132,7 @@ def bench_model(spec: str, input_size: int, device: torch.device, num_classes: i
     else:
         model = create_model(spec, input_size=input_size, num_classes=num_classes)
         if isinstance(model, GatedModel):
-            raise ValueError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
+            raise UserError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
         arch, config = model.arch, dict(model.config)
     return BenchModel(spec, model.to(device).eval(), arch, config)
 
@@ -398,7 +399,7 @@ def _setup(args) -> tuple[DistEnv, logging.Logger]:
 
     env = init_distributed(args.device)
     if env.distributed:
-        raise ValueError("benchmarks run in one process; launch them with python, not torchrun")
+        raise UserError("benchmarks run in one process; launch them with python, not torchrun")
     return env, create_logger(env)
 
 

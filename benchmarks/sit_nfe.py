@@ -22,6 +22,7 @@ import torch
 from processes import create_process
 from tinyfusion.args import Parser, positive_int
 from tinyfusion.checkpoint import load_model
+from tinyfusion.errors import UserError
 from tinyfusion.evaluation import evaluate, load_extractor
 from tinyfusion.fileio import atomic_write_json
 from tinyfusion.paths import check_outputs
@@ -52,10 +53,10 @@ def main(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.ckpt)
     if loaded.process.get("name") != "transport":
-        raise ValueError(f"--ckpt {args.ckpt} is a {loaded.arch} on the {loaded.process.get('name')} process; this "
+        raise UserError(f"--ckpt {args.ckpt} is a {loaded.arch} on the {loaded.process.get('name')} process; this "
                          "benchmark compares the transport's ODE samplers (give a SiT checkpoint)")
     if tuple(loaded.model.data_shape)[0] != 3:
-        raise ValueError(f"--ckpt {args.ckpt} is a latent-space model; this benchmark scores pixel-space models")
+        raise UserError(f"--ckpt {args.ckpt} is a latent-space model; this benchmark scores pixel-space models")
     model, process = loaded.model.eval(), create_process(loaded.process)
     extractor = load_extractor(args.feature_extractor)
     indices = range(args.num_samples)

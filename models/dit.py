@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tinyfusion.errors import UserError
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (N, T, D), shift and scale (N, D)."""
@@ -84,7 +86,7 @@ class LabelEmbedder(nn.Module):
             force_drop_ids = self.drop_ids(labels)
         if force_drop_ids is not None:
             if self.embedding_table.num_embeddings == self.num_classes:
-                raise ValueError("label dropout needs a model built with class_dropout_prob > 0 "
+                raise UserError("label dropout needs a model built with class_dropout_prob > 0 "
                                  "(it has no null-class embedding)")
             labels = torch.where(force_drop_ids == 1, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
@@ -105,7 +107,7 @@ class Attention(nn.Module):
         super().__init__()
         if head_dim is None:
             if dim % num_heads:
-                raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+                raise UserError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
             head_dim = dim // num_heads
         self.num_heads, self.head_dim = num_heads, head_dim
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=True)
@@ -138,7 +140,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise UserError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.num_patches = (input_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
@@ -214,14 +216,14 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+            raise UserError(f"depth must be at least 1, got {depth}")
         block_widths = uniform_block_widths(depth, hidden_size, num_heads, mlp_ratio) if block_widths is None \
             else [dict(w) for w in block_widths]
         if len(block_widths) != depth:
-            raise ValueError(f"block_widths lists {len(block_widths)} blocks but depth is {depth}")
+            raise UserError(f"block_widths lists {len(block_widths)} blocks but depth is {depth}")
         attention = dict(attention or {"kind": "global"})
         if attention.get("kind") not in self.ATTENTION_KINDS:
-            raise ValueError(f"attention kind {attention.get('kind')!r} is not supported by {self.arch}; "
+            raise UserError(f"attention kind {attention.get('kind')!r} is not supported by {self.arch}; "
                              f"known: {', '.join(self.ATTENTION_KINDS)}")
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
@@ -271,13 +273,13 @@ class DiT(nn.Module):
         The head count leaves no trace in the shapes: it comes from `num_heads`, else from the
         registry's widths (official: 384: 6, 768: 12, 1024 and 1152: 16; small: 64: 4, 192: 3).
         Raises:
-            ValueError: a state dict that is not of this layout, or an unknown width and no head count.
+            UserError: a state dict that is not of this layout, or an unknown width and no head count.
         """
         required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
                     "final_layer.linear.weight", "blocks.0.attn.qkv.weight"]
         missing = [k for k in required if k not in state_dict]
         if missing:
-            raise ValueError(f"the weights are not a {cls.arch}'s: missing {missing}")
+            raise UserError(f"the weights are not a {cls.arch}'s: missing {missing}")
         proj = state_dict["x_embedder.proj.weight"]  # (D, C_in, p, p)
         hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
         grid = math.isqrt(state_dict["pos_embed"].shape[1])
@@ -286,13 +288,13 @@ class DiT(nn.Module):
         if num_heads is None:
             num_heads = KNOWN_NUM_HEADS.get(hidden_size)
             if num_heads is None:
-                raise ValueError(f"a {cls.arch} of width {hidden_size} is not an official size, and the head count "
+                raise UserError(f"a {cls.arch} of width {hidden_size} is not an official size, and the head count "
                                  "cannot be read from the weights: pass it with --num-heads")
         widths = []
         for i in range(depth):
             attn_width = state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3
             if attn_width % num_heads:
-                raise ValueError(f"block {i} has an attention width of {attn_width}, not divisible by {num_heads} "
+                raise UserError(f"block {i} has an attention width of {attn_width}, not divisible by {num_heads} "
                                  "heads: pass the right --num-heads")
             widths.append({"num_heads": num_heads, "head_dim": attn_width // num_heads,
                            "mlp_hidden": state_dict[f"blocks.{i}.mlp.fc1.weight"].shape[0]})
@@ -411,7 +413,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """(M,) positions to (M, embed_dim): [sin(p w_i), cos(p w_i)], w_i = 10000^(-2i / D)."""
     if embed_dim % 2:
-        raise ValueError(f"the sin-cos embedding needs an even width, got {embed_dim}")
+        raise UserError(f"the sin-cos embedding needs an even width, got {embed_dim}")
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000 ** omega  # (D / 2,)
     out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D / 2)
@@ -428,7 +430,7 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
 def uniform_block_widths(depth: int, hidden_size: int, num_heads: int, mlp_ratio: float) -> list[dict]:
     """The per-block widths of an unpruned model: every block alike."""
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        raise UserError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     width = {"num_heads": num_heads, "head_dim": hidden_size // num_heads, "mlp_hidden": int(hidden_size * mlp_ratio)}
     return [dict(width) for _ in range(depth)]
 

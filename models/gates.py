@@ -27,6 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from tinyfusion.errors import UserError
+
 from .stacks import flat_blocks, parse_stack_groups, stack_depths
 
 # C(28, 14) is 40 million options: enumerating a group that large is never what a user means.
@@ -49,7 +51,7 @@ def parse_groups(spec: str | Sequence[Sequence[int]], depth: int | None = None) 
         spec: the layout, as text or as [[N, M], ...].
         depth: when given, the groups must cover exactly this many blocks.
     Raises:
-        ValueError: unreadable text, N < 1, N > M, groups that do not cover `depth`, or a group
+        UserError: unreadable text, N < 1, N > M, groups that do not cover `depth`, or a group
             with too many options to enumerate.
     """
     if isinstance(spec, str):
@@ -57,7 +59,7 @@ def parse_groups(spec: str | Sequence[Sequence[int]], depth: int | None = None) 
         for term in spec.replace(" ", "").split(","):
             match = re.fullmatch(r"(?:(\d+)[x*])?(\d+):(\d+)", term)
             if match is None:
-                raise ValueError(
+                raise UserError(
                     f"cannot read the group term {term!r} of {spec!r}: write N:M or KxN:M terms separated "
                     "by commas, e.g. '14x1:2' or '2x2:4,3:4'")
             repeat = int(match.group(1) or 1)
@@ -66,22 +68,22 @@ def parse_groups(spec: str | Sequence[Sequence[int]], depth: int | None = None) 
         groups = []
         for pair in spec:
             if len(pair) != 2:
-                raise ValueError(f"each group is a pair [N, M]; got {list(pair)!r}")
+                raise UserError(f"each group is a pair [N, M]; got {list(pair)!r}")
             groups.append((int(pair[0]), int(pair[1])))
     if not groups:
-        raise ValueError("the group layout is empty: give at least one N:M group")
+        raise UserError("the group layout is empty: give at least one N:M group")
     for i, (n, m) in enumerate(groups):
         if n < 1:
-            raise ValueError(f"group {i} keeps N={n} of M={m} blocks: every group must keep at least one block")
+            raise UserError(f"group {i} keeps N={n} of M={m} blocks: every group must keep at least one block")
         if n > m:
-            raise ValueError(f"group {i} keeps N={n} of M={m} blocks: N cannot exceed M")
+            raise UserError(f"group {i} keeps N={n} of M={m} blocks: N cannot exceed M")
         if math.comb(m, n) > MAX_OPTIONS_PER_GROUP:
-            raise ValueError(
+            raise UserError(
                 f"group {i} ({n}:{m}) has C({m},{n}) = {math.comb(m, n):,} options, more than the "
                 f"{MAX_OPTIONS_PER_GROUP:,} that can be enumerated; split it into smaller groups")
     covered = sum(m for _, m in groups)
     if depth is not None and covered != depth:
-        raise ValueError(
+        raise UserError(
             f"the groups {format_groups(groups)} cover {covered} blocks but the model has {depth}; "
             f"choose groups whose sizes M add up to {depth}")
     return groups
@@ -240,7 +242,7 @@ class GatedModel(nn.Module):
             raise RuntimeError("the gates were released from this model")
         if getattr(self.model, "gradient_checkpointing", False) and self.training:
             # Recomputation in the backward pass runs outside this context and would not be gated.
-            raise ValueError("layer gates cannot be trained with gradient checkpointing; turn it off")
+            raise UserError("layer gates cannot be trained with gradient checkpointing; turn it off")
         if self.training:
             mask = self.gates.sample(batch_size, uniform)
         else:

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from tinyfusion.errors import UserError
+
 from .diffloss import DiffLoss
 
 
@@ -113,10 +115,10 @@ class MAR(nn.Module):
     ):
         super().__init__()
         if img_size % (vae_stride * patch_size):
-            raise ValueError(f"img_size {img_size} must be a multiple of vae_stride * patch_size "
+            raise UserError(f"img_size {img_size} must be a multiple of vae_stride * patch_size "
                              f"= {vae_stride * patch_size}")
         if not 0.0 < mask_ratio_min <= 1.0:
-            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
+            raise UserError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
         num_sampling_steps = str(num_sampling_steps)
         self.config = dict(
             img_size=img_size, vae_stride=vae_stride, patch_size=patch_size, encoder_embed_dim=encoder_embed_dim,
@@ -247,7 +249,7 @@ class MAR(nn.Module):
         and the image size follows from the position embeddings.
 
         Raises:
-            ValueError: the keys are not MAR's (naming what they look like), or a width without a known
+            UserError: the keys are not MAR's (naming what they look like), or a width without a known
                 head count and no `num_heads`.
         """
         needed = ("z_proj.weight", "encoder_pos_embed_learned", "decoder_embed.weight", "fake_latent",
@@ -256,7 +258,7 @@ class MAR(nn.Module):
         if missing:
             looks = " (its keys are a DiT's or SiT's: x_embedder, blocks.N)" if "x_embedder.proj.weight" in \
                 state_dict else ""
-            raise ValueError(f"not a MAR state dict{looks}: it lacks {', '.join(missing[:3])}")
+            raise UserError(f"not a MAR state dict{looks}: it lacks {', '.join(missing[:3])}")
 
         def depth(prefix: str) -> int:
             return len({k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
@@ -266,18 +268,18 @@ class MAR(nn.Module):
         vae_embed_dim, vae_stride, buffer_size = 16, 16, 64
         patch_size = int(round(math.sqrt(token_dim / vae_embed_dim)))
         if vae_embed_dim * patch_size ** 2 != token_dim:
-            raise ValueError(f"the tokens have {token_dim} channels, which is no patch of 16-channel KL-16 latents; "
+            raise UserError(f"the tokens have {token_dim} channels, which is no patch of 16-channel KL-16 latents; "
                              "load a self-describing file of this model instead")
         seq_len = state_dict["encoder_pos_embed_learned"].shape[1] - buffer_size
         side = int(round(math.sqrt(max(seq_len, 0))))
         if seq_len < 1 or side * side != seq_len:
-            raise ValueError(f"the position embeddings hold {seq_len + buffer_size} positions, which is no square "
+            raise UserError(f"the position embeddings hold {seq_len + buffer_size} positions, which is no square "
                              f"token grid after the official buffer of {buffer_size}; load a self-describing file")
         heads = {}
         for name, w in (("encoder", width), ("decoder", decoder_width)):
             heads[name] = num_heads or MAR_NUM_HEADS.get(w)
             if heads[name] is None:
-                raise ValueError(f"the {name} width {w} is not an official MAR width: give its head count "
+                raise UserError(f"the {name} width {w} is not an official MAR width: give its head count "
                                  "(--num-heads)")
         return dict(
             img_size=side * patch_size * vae_stride, vae_stride=vae_stride, patch_size=patch_size,
@@ -487,9 +489,9 @@ class MAR(nn.Module):
             (B, c, h, w) latents.
         """
         if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose 'linear' or 'constant'")
+            raise UserError(f"unknown cfg_schedule {cfg_schedule!r}; choose 'linear' or 'constant'")
         if num_iter < 1:
-            raise ValueError(f"num_iter must be at least 1, got {num_iter}")
+            raise UserError(f"num_iter must be at least 1, got {num_iter}")
         device = self.fake_latent.device
         if generators is not None:
             _check_generators(generators, bsz)
@@ -587,7 +589,7 @@ def _factory(width: int, depth: int, num_heads: int, diffloss_d: int, diffloss_w
     def make(**kwargs) -> MAR:
         clash = sorted(set(kwargs) & set(fixed))
         if clash:
-            raise ValueError(f"the model name fixes {', '.join(clash)}; build MAR(...) directly to change them")
+            raise UserError(f"the model name fixes {', '.join(clash)}; build MAR(...) directly to change them")
         kwargs = {**defaults, **kwargs}
         if "input_size" in kwargs:
             kwargs["img_size"] = kwargs.pop("input_size") * kwargs.get("vae_stride", 16)

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from tinyfusion.errors import UserError
+
 from .gates import GatedModel
 
 # Architecture name (the `arch` a checkpoint records) -> class.
@@ -41,14 +43,14 @@ def _gated_factory(base: str, groups: str) -> Callable[..., GatedModel]:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Builds a registry model by name; an unknown name is a ValueError listing the choices."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
 
 
 def build_architecture(arch: str, config: dict) -> nn.Module:
     """Rebuilds a model from the architecture name and constructor arguments a checkpoint records."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch](**config)
 
 
@@ -60,7 +62,7 @@ def registry_spec(name: str) -> tuple[str, dict, str | None]:
     if name in ARCHITECTURES:
         return name, {}, None
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     groups = None
     if name in GATED_PRESETS:
         name, groups = GATED_PRESETS[name]

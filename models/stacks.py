@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from tinyfusion.errors import UserError
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model itself under wrappers that add a capability: layer gates, DDP, torch.compile."""
@@ -73,12 +75,12 @@ def join_indices(per_stack: dict[str, Sequence[int]], depths: dict[str, int]) ->
     """Each stack's local indices -> flat indices (sorted), checked against the stack depths."""
     unknown = [name for name in per_stack if name not in depths]
     if unknown:
-        raise ValueError(f"unknown block stack {unknown[0]!r}; this model's stacks are {', '.join(depths)}")
+        raise UserError(f"unknown block stack {unknown[0]!r}; this model's stacks are {', '.join(depths)}")
     flat, offset = [], 0
     for name, depth in depths.items():
         for i in per_stack.get(name, []):
             if not 0 <= i < depth:
-                raise ValueError(f"block {i} of stack {name!r} is out of range (it has blocks 0 to {depth - 1})")
+                raise UserError(f"block {i} of stack {name!r} is out of range (it has blocks 0 to {depth - 1})")
             flat.append(offset + i)
         offset += depth
     return sorted(flat)
@@ -93,9 +95,9 @@ def _stack_terms(tokens: Sequence[str] | str) -> dict[str, str] | None:
     for token in tokens:
         name, sep, text = token.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
-            raise ValueError(f"cannot read {token!r}: write per-stack terms as STACK=VALUES, e.g. encoder=0,2,4")
+            raise UserError(f"cannot read {token!r}: write per-stack terms as STACK=VALUES, e.g. encoder=0,2,4")
         if name in terms:
-            raise ValueError(f"stack {name!r} is given twice")
+            raise UserError(f"stack {name!r} is given twice")
         terms[name] = text
     return terms
 
@@ -109,7 +111,7 @@ def parse_stack_indices(tokens: Sequence[str] | str, depths: dict[str, int], fla
     try:
         return join_indices({name: _integers(text, flag) for name, text in terms.items()}, depths)
     except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from None
+        raise UserError(f"{flag}: {e}") from None
 
 
 def parse_stack_groups(tokens: Sequence[str] | str, depths: dict[str, int]):
@@ -123,23 +125,23 @@ def parse_stack_groups(tokens: Sequence[str] | str, depths: dict[str, int]):
     if not text.replace(",", "").strip():
         depth = sum(depths.values())
         pairs = f"'{depth // 2}x1:2' (keep one block of each pair) or " if depth % 2 == 0 else ""
-        raise ValueError(f"--groups is empty: give N:M groups covering all {depth} blocks of the model, e.g. "
+        raise UserError(f"--groups is empty: give N:M groups covering all {depth} blocks of the model, e.g. "
                          f"{pairs}'{depth // 2}:{depth}' (one group over all blocks)")
     terms = _stack_terms(tokens)
     if terms is None:
         return parse_groups(text, depth=sum(depths.values()))
     unknown = [name for name in terms if name not in depths]
     if unknown:
-        raise ValueError(f"--groups: unknown block stack {unknown[0]!r}; this model's stacks are {', '.join(depths)}")
+        raise UserError(f"--groups: unknown block stack {unknown[0]!r}; this model's stacks are {', '.join(depths)}")
     missing = [name for name in depths if name not in terms]
     if missing:
-        raise ValueError(f"--groups: give groups for every stack ({', '.join(depths)}); {missing[0]!r} has none")
+        raise UserError(f"--groups: give groups for every stack ({', '.join(depths)}); {missing[0]!r} has none")
     groups = []
     for name, depth in depths.items():
         try:
             groups += parse_groups(terms[name], depth=depth)
         except ValueError as e:
-            raise ValueError(f"--groups {name}=...: {e}") from None
+            raise UserError(f"--groups {name}=...: {e}") from None
     return groups
 
 
@@ -148,7 +150,7 @@ def _integers(tokens: Sequence[str] | str, flag: str) -> list[int]:
     parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
     bad = [p for p in parts if not re.fullmatch(r"-?\d+", p)]
     if bad:
-        raise ValueError(f"{flag}: {bad[0]!r} is not a block index; write integers such as 0 2 4 or \"[0, 2, 4]\"")
+        raise UserError(f"{flag}: {bad[0]!r} is not a block index; write integers such as 0 2 4 or \"[0, 2, 4]\"")
     return [int(p) for p in parts]
 
 

@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch.nn as nn
 
+from tinyfusion.errors import UserError
+
 from .stacks import block_stacks, split_indices
 
 
@@ -14,18 +16,18 @@ def validate_kept_indices(kept_indices: Iterable[int], depth: int) -> list[int]:
     """Checks that block indices are integers in [0, depth), unique and non-empty; returns them sorted.
 
     Raises:
-        ValueError: naming the offending indices and the valid range.
+        UserError: naming the offending indices and the valid range.
     """
     kept = [int(i) for i in kept_indices]
     if not kept:
-        raise ValueError("no blocks are kept: give at least one block index")
+        raise UserError("no blocks are kept: give at least one block index")
     out_of_range = sorted(i for i in kept if not 0 <= i < depth)
     if out_of_range:
-        raise ValueError(f"block indices {out_of_range} are out of range for a model of depth {depth} "
+        raise UserError(f"block indices {out_of_range} are out of range for a model of depth {depth} "
                          f"(valid: 0 to {depth - 1})")
     duplicates = sorted({i for i in kept if kept.count(i) > 1})
     if duplicates:
-        raise ValueError(f"block indices {duplicates} are given more than once")
+        raise UserError(f"block indices {duplicates} are given more than once")
     return sorted(kept)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import stack_depths, total_depth
+from tinyfusion.errors import UserError
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
 from tinyfusion.sampling import save_grid
 
@@ -178,7 +179,7 @@ class Quickstart:
     def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
                  family: str = "dit", exhaustive: bool = False):
         if family not in FAMILIES:
-            raise ValueError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+            raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
         self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
         self.exhaustive = exhaustive
@@ -257,7 +258,7 @@ class Quickstart:
         if record.is_file():
             differences = setting_differences(json.loads(record.read_text()), json.loads(json.dumps(self.settings())))
             if differences:
-                raise ValueError(f"{self.out} holds a quickstart run with other settings ({'; '.join(differences)}); "
+                raise UserError(f"{self.out} holds a quickstart run with other settings ({'; '.join(differences)}); "
                                  "pass another --out, or delete the folder to start over")
         else:
             atomic_write_json(record, self.settings())
@@ -593,7 +594,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     # With --fast, launching torchrun would cost more than the tiny budgets themselves.
     nproc = args.nproc if args.nproc is not None else (1 if args.fast else 2)
     if nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
     out = args.out or default_out(args.family, args.fast)
     quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family,
                             exhaustive=args.exhaustive)

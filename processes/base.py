@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from tinyfusion.errors import UserError
+
 Draws = dict[str, torch.Tensor]
 # Conditioning keyword arguments of a model call: y (labels), force_drop_ids, gate_uniform, ...
 Cond = dict
@@ -117,16 +119,16 @@ class NoiseProcess(abc.ABC):
     def check_sampler(self, sampler: str, num_steps: int) -> None:
         """Raises ValueError naming the fix when `sampler` or `num_steps` does not fit this process."""
         if sampler not in self.samplers:
-            raise ValueError(f"--sampler {sampler!r} is not a sampler of the {self.name} process; choose one of "
+            raise UserError(f"--sampler {sampler!r} is not a sampler of the {self.name} process; choose one of "
                              f"{', '.join(self.samplers)}")
         if num_steps < 1:
-            raise ValueError(f"--num-sampling-steps must be at least 1, got {num_steps}")
+            raise UserError(f"--num-sampling-steps must be at least 1, got {num_steps}")
 
     def resolve_options(self, sampler: str, options: dict | None) -> dict:
         """The options of `sampler` with its defaults filled in (None values count as not given).
 
         Raises:
-            ValueError: an option the sampler does not take, named as its flag.
+            UserError: an option the sampler does not take, named as its flag.
         """
         defaults = self.sampler_options.get(sampler, {})
         given = {k: v for k, v in (options or {}).items() if v is not None}
@@ -134,7 +136,7 @@ class NoiseProcess(abc.ABC):
         if unknown:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
             takes = ", ".join("--" + k.replace("_", "-") for k in defaults) or "no options"
-            raise ValueError(f"{flags}: not an option of the {self.name} process's {sampler!r} sampler (it takes "
+            raise UserError(f"{flags}: not an option of the {self.name} process's {sampler!r} sampler (it takes "
                              f"{takes}); drop it")
         return {**defaults, **given}
 
@@ -174,11 +176,11 @@ def create_process(record: dict) -> NoiseProcess:
     settings = dict(record)
     name = settings.pop("name", None)
     if name not in _PROCESSES:
-        raise ValueError(f"unknown noise process {name!r}; known: {', '.join(_PROCESSES)}")
+        raise UserError(f"unknown noise process {name!r}; known: {', '.join(_PROCESSES)}")
     try:
         return _PROCESSES[name](**settings)
     except TypeError as e:
-        raise ValueError(f"the settings {settings} do not fit the {name} process: {e}") from None
+        raise UserError(f"the settings {settings} do not fit the {name} process: {e}") from None
 
 
 def all_samplers() -> list[str]:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from tinyfusion.errors import UserError
 from transport import Sampler, create_transport
 from transport.integrators import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS
 from transport.transport import mean_flat
@@ -83,7 +84,7 @@ class TransportProcess(NoiseProcess):
         t, x_t, u_t = self._plan(x, draws)
         output = prediction.output.float()
         if output.shape != x.shape:
-            raise ValueError(f"the model returned {tuple(output.shape)} for inputs {tuple(x.shape)}; the transport "
+            raise UserError(f"the model returned {tuple(output.shape)} for inputs {tuple(x.shape)}; the transport "
                              "needs outputs shaped like its inputs (a learn_sigma DiT returns 2C channels: use SiT)")
         return {"loss": self.transport.loss_from_output(output, t, draws["noise"].to(x.dtype), x_t, u_t)}
 
@@ -102,15 +103,15 @@ class TransportProcess(NoiseProcess):
         if sampler == "ode":
             method = ODE_METHOD_ALIASES.get(resolved["sampling_method"], resolved["sampling_method"])
             if method not in FIXED_GRID_METHODS + ADAPTIVE_METHODS:
-                raise ValueError(f"--sampling-method {resolved['sampling_method']!r} is not an ODE method; choose "
+                raise UserError(f"--sampling-method {resolved['sampling_method']!r} is not an ODE method; choose "
                                  f"one of: {', '.join(['heun', *FIXED_GRID_METHODS, *ADAPTIVE_METHODS])}")
             resolved["sampling_method"] = method
             for key in ("atol", "rtol"):
                 if not resolved[key] > 0:
-                    raise ValueError(f"--{key} must be positive, got {resolved[key]}")
+                    raise UserError(f"--{key} must be positive, got {resolved[key]}")
         else:
             if resolved["sampling_method"] not in SDE_METHODS:
-                raise ValueError(f"--sampling-method {resolved['sampling_method']!r} is not an SDE method; choose "
+                raise UserError(f"--sampling-method {resolved['sampling_method']!r} is not an SDE method; choose "
                                  f"one of: {', '.join(SDE_METHODS)}")
             if resolved["last_step"] in ("None", "none"):
                 resolved["last_step"] = None
@@ -119,7 +120,7 @@ class TransportProcess(NoiseProcess):
     def check_sampler(self, sampler: str, num_steps: int) -> None:
         super().check_sampler(sampler, num_steps)
         if num_steps < 2:
-            raise ValueError(f"--num-sampling-steps counts the time grid's points including both ends: at least 2, "
+            raise UserError(f"--num-sampling-steps counts the time grid's points including both ends: at least 2, "
                              f"got {num_steps}")
 
     def _sde_transport(self, diffusion_form: str):

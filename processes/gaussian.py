@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from diffusion import create_diffusion
 from diffusion.losses import mean_flat, normal_kl
+from tinyfusion.errors import UserError
 
 from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
 
@@ -38,9 +39,9 @@ class GaussianProcess(NoiseProcess):
                  predict_xstart: bool = False, sigma_small: bool = False, use_kl: bool = False,
                  rescale_learned_sigmas: bool = False):
         if noise_schedule not in ("linear", "cosine"):
-            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {noise_schedule!r}")
+            raise UserError(f"noise_schedule must be 'linear' or 'cosine', got {noise_schedule!r}")
         if diffusion_steps < 1:
-            raise ValueError(f"diffusion_steps must be at least 1, got {diffusion_steps}")
+            raise UserError(f"diffusion_steps must be at least 1, got {diffusion_steps}")
         self.settings = dict(noise_schedule=noise_schedule, diffusion_steps=int(diffusion_steps),
                              learn_sigma=bool(learn_sigma), predict_xstart=bool(predict_xstart),
                              sigma_small=bool(sigma_small), use_kl=bool(use_kl),
@@ -97,7 +98,7 @@ class GaussianProcess(NoiseProcess):
         super().check_sampler(sampler, num_steps)
         steps = self.settings["diffusion_steps"]
         if num_steps > steps:
-            raise ValueError(f"--num-sampling-steps must be between 1 and {steps} (the training steps it is "
+            raise UserError(f"--num-sampling-steps must be between 1 and {steps} (the training steps it is "
                              f"respaced from), got {num_steps}")
 
     def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
@@ -119,7 +120,7 @@ class GaussianProcess(NoiseProcess):
         from diffusers import DPMSolverMultistepScheduler
 
         if self.settings["predict_xstart"]:
-            raise ValueError("--sampler dpm++ is implemented for noise-predicting models; use ddpm or ddim")
+            raise UserError("--sampler dpm++ is implemented for noise-predicting models; use ddpm or ddim")
         steps = self.settings["diffusion_steps"]
         if self.settings["noise_schedule"] == "linear":
             # DiT's linear schedule (scaled as ADM scales it for other step counts), epsilon prediction.

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from models import unwrap
 from models.mar import mask_by_order, patchify
+from tinyfusion.errors import UserError
 
 from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
 from .gaussian import GaussianProcess
@@ -65,9 +66,9 @@ class MaskedTokenProcess(NoiseProcess):
     def __init__(self, patch_size: int = 1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                  num_sampling_steps: int = 100, noise_schedule: str = "cosine", diffusion_steps: int = 1000):
         if not 0.0 < mask_ratio_min <= 1.0:
-            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
+            raise UserError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
         if diffusion_batch_mul < 1 or patch_size < 1:
-            raise ValueError("diffusion_batch_mul and patch_size must be at least 1")
+            raise UserError("diffusion_batch_mul and patch_size must be at least 1")
         self.settings = dict(patch_size=int(patch_size), mask_ratio_min=float(mask_ratio_min),
                              diffusion_batch_mul=int(diffusion_batch_mul), num_sampling_steps=int(num_sampling_steps),
                              noise_schedule=noise_schedule, diffusion_steps=int(diffusion_steps))
@@ -87,7 +88,7 @@ class MaskedTokenProcess(NoiseProcess):
         c, h, w = shape
         p = self.settings["patch_size"]
         if h % p or w % p:
-            raise ValueError(f"latents of {h}x{w} do not split into patches of {p}")
+            raise UserError(f"latents of {h}x{w} do not split into patches of {p}")
         return (h // p) * (w // p), c * p * p
 
     def draw(self, generator: torch.Generator, batch_size: int, shape: Sequence[int], device: torch.device) -> Draws:
@@ -164,17 +165,17 @@ class MaskedTokenProcess(NoiseProcess):
     def resolve_options(self, sampler: str, options: dict | None) -> dict:
         resolved = super().resolve_options(sampler, options)
         if resolved["cfg_schedule"] not in ("linear", "constant"):
-            raise ValueError(f"--cfg-schedule {resolved['cfg_schedule']!r}: choose linear or constant")
+            raise UserError(f"--cfg-schedule {resolved['cfg_schedule']!r}: choose linear or constant")
         if int(resolved["num_iter"]) < 1:
-            raise ValueError(f"--num-iter must be at least 1, got {resolved['num_iter']}")
+            raise UserError(f"--num-iter must be at least 1, got {resolved['num_iter']}")
         if float(resolved["temperature"]) <= 0:
-            raise ValueError(f"--temperature must be positive, got {resolved['temperature']}")
+            raise UserError(f"--temperature must be positive, got {resolved['temperature']}")
         return resolved
 
     def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
                generators: Sequence[torch.Generator], progress: bool = False,
                options: dict | None = None) -> torch.Tensor:
-        raise ValueError("masked-token sampling runs the model's own loop: use sample_model (the toolkit's "
+        raise UserError("masked-token sampling runs the model's own loop: use sample_model (the toolkit's "
                          "sampling does)")
 
     def sample_model(self, model: nn.Module, labels: torch.Tensor, generators: Sequence[torch.Generator], *,
@@ -184,7 +185,7 @@ class MaskedTokenProcess(NoiseProcess):
         self.check_sampler(sampler, num_steps)
         options = self.resolve_options(sampler, options)
         if hasattr(model, "gates"):
-            raise ValueError("a gated MAR is sampled after its decision is applied: prune it (prune_by_learning.py "
+            raise UserError("a gated MAR is sampled after its decision is applied: prune it (prune_by_learning.py "
                              "writes the pruned model) and sample that")
         return unwrap(model).sample_tokens(
             len(labels), num_iter=int(options["num_iter"]), cfg=cfg_scale, cfg_schedule=options["cfg_schedule"],

@@ -45,7 +45,7 @@ from models import (
 )
 from processes import create_process
 
-from .cli import RunFailed
+from .errors import RunFailed, UserError
 from .fileio import atomic_write
 from .paths import file_sha256
 
@@ -102,17 +102,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Reads a .pt/.pth/.bin (pickle, safely) or .safetensors file into a dict, verifying its content hash.
 
     Raises:
-        ValueError: the file is missing, not a checkpoint (an HTML page, an image, a truncated or empty
+        UserError: the file is missing, not a checkpoint (an HTML page, an image, a truncated or empty
             file: said so), corrupted (its content differs from the hash written with it), not a dict,
             or holds objects that unpickling would have to run code for.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; check the path "
+        raise UserError(f"checkpoint {str(path)!r} does not exist; check the path "
                          f"(official DiT weights: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
     what = sniff_file(path)
     if what is not None:
-        raise ValueError(f"{str(path)!r} is not a checkpoint: it is {what}")
+        raise UserError(f"{str(path)!r} is not a checkpoint: it is {what}")
     if path.suffix == ".safetensors":
         obj = _read_safetensors(path)
     else:
@@ -128,17 +128,17 @@ def _read_pickle(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower() and ("unsupported global" in str(e).lower()
                                                              or "global" in _first_line(e).lower()):
-            raise ValueError(
+            raise UserError(
                 f"refusing to load {str(path)!r}: it holds pickled Python objects beyond tensors and plain "
                 f"containers, which could run code when loaded ({_unsupported_global(e)}). Load it only if you "
                 "trust it, re-save its state_dict() alone, and pass that file instead") from None
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(e)}); check that it is the "
+        raise UserError(f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(e)}); check that it is the "
                          "file you meant, complete and uncorrupted") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_first_line(e)}. Is the file complete "
+        raise UserError(f"cannot read checkpoint {str(path)!r}: {_first_line(e)}. Is the file complete "
                          "(not truncated by an interrupted download or copy)?") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights")
+        raise UserError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights")
     return obj
 
 
@@ -191,17 +191,17 @@ def _read_safetensors(path: Path) -> dict:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read safetensors file {str(path)!r}: {e}") from None
+        raise UserError(f"cannot read safetensors file {str(path)!r}: {e}") from None
     if SAFETENSORS_METADATA_KEY not in metadata:
         return tensors
     try:
         record = json.loads(metadata[SAFETENSORS_METADATA_KEY])
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata is not valid JSON ({e}); the file "
+        raise UserError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata is not valid JSON ({e}); the file "
                          "is damaged or was not written by this toolkit; re-export it with save_model") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or "arch" not in record \
             or "config" not in record:
-        raise ValueError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata does not describe a model "
+        raise UserError(f"{str(path)!r}: its {SAFETENSORS_METADATA_KEY!r} metadata does not describe a model "
                          f"(expected a {FORMAT} record with 'arch' and 'config'); re-export it with save_model, or "
                          "strip the metadata and pass --model")
     record["model"] = tensors
@@ -227,20 +227,20 @@ def select_state_dict(obj: dict, weights: str = "ema", path: str = "checkpoint")
         (state dict, which): which is "ema", "model" or "plain".
     """
     if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+        raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
     if "model" in obj or "ema" in obj or "model_ema" in obj:
         ema = obj.get("ema") if obj.get("ema") is not None else obj.get("model_ema")  # MAR names it model_ema
         which = "ema" if weights == "ema" and ema is not None else "model"
         state_dict = ema if which == "ema" else obj.get("model")
         if state_dict is None:
             present = sorted(k for k in obj if obj[k] is not None)
-            raise ValueError(f"{path} has no {which!r} weights; it holds {present}")
+            raise UserError(f"{path} has no {which!r} weights; it holds {present}")
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
         which, state_dict = "model", obj["state_dict"]
     else:
         which, state_dict = "plain", obj
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors under {which!r}")
+        raise UserError(f"{path} does not hold a state dict of tensors under {which!r}")
     return strip_prefixes(state_dict), which
 
 
@@ -307,10 +307,10 @@ def verify_integrity(obj: dict, path: str | os.PathLike) -> None:
     if record is None:
         return
     if not isinstance(record, dict) or record.get("scheme") != INTEGRITY_SCHEME:
-        raise ValueError(f"{str(path)!r} carries an integrity record of an unknown scheme ({record!r}); it was "
+        raise UserError(f"{str(path)!r} carries an integrity record of an unknown scheme ({record!r}); it was "
                          "written by a newer toolkit: update this one")
     if content_digest(obj) != record.get("sha256"):
-        raise ValueError(f"{str(path)!r} is corrupted: its content differs from the SHA-256 written with it (a "
+        raise UserError(f"{str(path)!r} is corrupted: its content differs from the SHA-256 written with it (a "
                          "failing disk, or a damaged copy); restore it from a good copy, or re-create it (if you "
                          f"edited it on purpose, delete its {INTEGRITY_KEY!r} entry, or write it with "
                          "tinyfusion.checkpoint.save_model)")
@@ -351,21 +351,21 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     if arch is not None:
         try:
             return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
-        except ValueError as e:
-            raise ValueError(f"--model names a {arch}, but {path} does not hold one ({e}); pass the --model of the "
+        except UserError as e:
+            raise UserError(f"--model names a {arch}, but {path} does not hold one ({e}); pass the --model of the "
                              "family the file holds") from None
     fits, errors = {}, []
     for name, cls in ARCHITECTURES.items():
         try:
             fits[name] = cls.config_from_state_dict(state_dict, num_heads)
-        except ValueError as e:
+        except UserError as e:
             errors.append(str(e))
     if len(fits) == 1:
         return next(iter(fits.items()))
     if len(fits) > 1:
-        raise ValueError(f"{path} is a bare state dict whose layout fits several families ({', '.join(fits)}): "
+        raise UserError(f"{path} is a bare state dict whose layout fits several families ({', '.join(fits)}): "
                          f"name the family and size with --model (e.g. --model {next(iter(fits))}-XL/2)")
-    raise ValueError(f"{path} holds no model of a known family: {'; '.join(dict.fromkeys(errors))}")
+    raise UserError(f"{path} holds no model of a known family: {'; '.join(dict.fromkeys(errors))}")
 
 
 def config_differences(expected: dict, found: dict) -> list[str]:
@@ -396,7 +396,7 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     path = str(path)
     obj = read_checkpoint(path)
     if obj.get("kind") == "pruning":
-        raise ValueError(f"{path} is a prune_by_learning checkpoint (gates and temporary weight updates), not a "
+        raise UserError(f"{path} is a prune_by_learning checkpoint (gates and temporary weight updates), not a "
                          "model: use the pruned model that prune_by_learning.py writes to --save-model (re-run "
                          "its command to finish the run)")
     state_dict, which = select_state_dict(obj, weights, path)
@@ -413,7 +413,7 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
     if is_self_describing(obj):
         arch, config = obj["arch"], dict(obj["config"])
         if arch_of_name is not None and arch_of_name != arch and not _same_layout(arch, arch_of_name):
-            raise ValueError(f"--model {model_name} is a {arch_of_name}, but {path} holds a {arch}; drop --model to "
+            raise UserError(f"--model {model_name} is a {arch_of_name}, but {path} holds a {arch}; drop --model to "
                              "use the model the file describes")
         if arch_of_name is not None:
             arch = arch_of_name  # e.g. a DiT file given --model SiT-XL/2: the layouts are equal
@@ -421,10 +421,10 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
         arch, config = family_config(state_dict, arch_of_name, num_heads or fixed.get("num_heads"), path)
     differences = config_differences(fixed, config)
     if differences:
-        raise ValueError(f"--model {model_name} does not match {path}:\n  " + "\n  ".join(differences)
+        raise UserError(f"--model {model_name} does not match {path}:\n  " + "\n  ".join(differences)
                          + "\nDrop --model to use the architecture the file describes, or pass the matching name.")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path} holds a model of the family {arch!r}, which this toolkit does not know; known: "
+        raise UserError(f"{path} holds a model of the family {arch!r}, which this toolkit does not know; known: "
                          f"{', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
     model = build_architecture(arch, config)
@@ -464,7 +464,7 @@ def _load_weights(model: nn.Module, state_dict: dict, path: str) -> None:
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if keys:
                 lines.append(f"{title} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
-        raise ValueError(f"the weights in {path} do not fit the model:\n  " + "\n  ".join(lines))
+        raise UserError(f"the weights in {path} do not fit the model:\n  " + "\n  ".join(lines))
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -1,11 +1,12 @@
 """How a script ends: one line for a user error, a traceback only for a bug.
 
-Every script's `__main__` is `run_script(main, parse_args)`. By the library's convention a `ValueError`
-is a bad input (a path, a flag value, a checkpoint that does not fit, bad data), raised with a message
-that names the input and the fix; `RunFailed` is a run that cannot go on (diverged, or a run folder
-in use). Either prints `SCRIPT: error: MESSAGE` on one line of stderr, from rank 0 only under
-torchrun, and exits with status 2 (`RunFailed`: 1). Any other exception is a bug and keeps its
-traceback. `--debug` (or TINYFUSION_DEBUG=1) keeps the traceback for every error.
+Every script's `__main__` is `run_script(main, parse_args)`. A `UserError` (tinyfusion/errors.py) is a
+bad input (a path, a flag value, a checkpoint that does not fit, bad data), raised where the input is
+checked with a message that names the input and the fix; `RunFailed` is a run that cannot go on
+(diverged, a run folder in use, a full disk). Either prints `SCRIPT: error: MESSAGE` on one line of
+stderr, from rank 0 only under torchrun, and exits with status 2 (`RunFailed`: 1). Any other exception,
+a plain `ValueError` included, is a bug: its traceback is printed, followed by one line that says so,
+and the exit status is 1. `--debug` (or TINYFUSION_DEBUG=1) keeps the traceback for every error.
 
 torchrun adds its own failure report when a process exits non-zero; the first line is ours.
 """
@@ -14,16 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
-USER_ERROR_STATUS = 2
+from .errors import RunFailed, UserError
 
-
-class RunFailed(RuntimeError):
-    """A run that cannot go on for a reason the user must act on (its message says what to do)."""
-
-    status = 1
+USER_ERROR_STATUS = UserError.status
 
 
 def is_rank_zero() -> bool:
@@ -56,16 +54,22 @@ def run_script(main: Callable, parse_args: Callable, argv: list[str] | None = No
     debug = bool(vars(args).pop("debug", False)) or os.environ.get("TINYFUSION_DEBUG") == "1"
     try:
         main(args)
-    except (ValueError, RunFailed) as e:
+    except (UserError, RunFailed) as e:
         if debug:
             raise
         report(script, e)
-        sys.exit(e.status if isinstance(e, RunFailed) else USER_ERROR_STATUS)
+        sys.exit(e.status)
     except KeyboardInterrupt:
         if debug:
             raise
         report(script, RunFailed("interrupted"))
         sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        if is_rank_zero():
+            print(f"{script}: internal error: the traceback above is a bug in the toolkit, not a problem with "
+                  "your inputs; please report it with the command you ran", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-__all__ = ["RunFailed", "USER_ERROR_STATUS", "is_rank_zero", "one_line", "report", "run_script"]
+__all__ = ["RunFailed", "USER_ERROR_STATUS", "UserError", "is_rank_zero", "one_line", "report", "run_script"]

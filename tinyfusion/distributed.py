@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistEnv:
@@ -43,7 +45,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
@@ -53,19 +55,19 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         device: "auto" (CUDA when available), "cuda" or "cpu".
         timeout_minutes: how long collectives wait before failing (a dead rank must not hang forever).
     Raises:
-        ValueError: "cuda" asked for without a GPU, or a LOCAL_RANK beyond this node's GPUs.
+        UserError: "cuda" asked for without a GPU, or a LOCAL_RANK beyond this node's GPUs.
     """
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise UserError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+            raise UserError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
                              "launch at most one process per GPU (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -35,8 +35,8 @@ from models import unwrap
 from processes import Draws, NoiseProcess
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, first_nonfinite, read_checkpoint
-from .cli import RunFailed
 from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
+from .errors import RunFailed, UserError
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .fileio import atomic_write_json, setting_differences, truncate_jsonl
 from .precision import autocast, grad_scaler
@@ -166,7 +166,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {decay}")
+            raise UserError(f"--ema-decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
@@ -196,7 +196,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path, keep_last: int):
         if keep_last < 1:
-            raise ValueError(f"--keep-last must be at least 1, got {keep_last}")
+            raise UserError(f"--keep-last must be at least 1, got {keep_last}")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
@@ -206,7 +206,7 @@ class CheckpointManager:
             try:
                 entries = json.loads(manifest.read_text())["checkpoints"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{manifest} is damaged ({e}); it lists the run's checkpoints: restore it, or "
+                raise UserError(f"{manifest} is damaged ({e}); it lists the run's checkpoints: restore it, or "
                                  "delete it to fall back to the step-NNNNNNN.pt names") from None
             return sorted(entries, key=lambda e: e["step"])
         found = [(int(m.group(1)), p.name) for p in self.dir.glob("step-*.pt")
@@ -249,7 +249,7 @@ def check_resumable(saved: dict, current: dict, path: Path) -> None:
                  else k) for k in sorted(set(saved) | set(current))}
     differences = setting_differences(saved, current, ignore=ignore, names=names)
     if differences:
-        raise ValueError(f"{path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
+        raise UserError(f"{path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
                          + "\nRe-run with the same settings to resume it, or choose another --results-dir/--prefix.")
 
 
@@ -284,16 +284,16 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
 
         if config.global_batch_size % env.world_size:
-            raise ValueError(f"--global-batch-size {config.global_batch_size} is not divisible by the "
+            raise UserError(f"--global-batch-size {config.global_batch_size} is not divisible by the "
                              f"{env.world_size} processes")
         self.local_batch_size = config.global_batch_size // env.world_size
         micro = config.micro_batch_size or self.local_batch_size
         if self.local_batch_size % micro:
-            raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch "
+            raise UserError(f"--micro-batch-size {micro} must divide the per-process batch "
                              f"{self.local_batch_size} (= global batch / processes)")
         self.micro_batch_size, self.accum_steps = micro, self.local_batch_size // micro
         if config.total_steps < 1:
-            raise ValueError("the run has no steps: raise --epochs or --max-steps")
+            raise UserError("the run has no steps: raise --epochs or --max-steps")
 
         self.ema = EMA(model, config.ema_decay)
         self.trainable = [p for g in param_groups for p in g["params"]]
@@ -514,7 +514,7 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _log(self, window: "_Window", writer) -> None:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from models import ARCHITECTURES, registry_spec
 
 from .distributed import DistEnv, barrier
+from .errors import UserError
 from .features import FeatureIndex, SeedPurpose, derive_seed, shard_done, write_index, write_shard
 from .fileio import atomic_write_json, remove_orphan_temporaries, setting_differences
 from .images import CroppedImages, ImageList
@@ -77,10 +78,10 @@ def latent_size_of(codec: LatentCodec, image_size: int) -> int:
     """The latent side of `image_size` images.
 
     Raises:
-        ValueError: the VAE's downsampling does not divide the image size.
+        UserError: the VAE's downsampling does not divide the image size.
     """
     if image_size < 1 or image_size % codec.downsample:
-        raise ValueError(f"--image-size {image_size} is not a positive multiple of the VAE's downsampling factor "
+        raise UserError(f"--image-size {image_size} is not a positive multiple of the VAE's downsampling factor "
                          f"{codec.downsample}; use a multiple of {codec.downsample}, such as {32 * codec.downsample}")
     return image_size // codec.downsample
 
@@ -92,7 +93,7 @@ def check_model_inputs(model_name: str, codec: LatentCodec, image_size: int) -> 
     VAE's latents), which a registry name does not change.
 
     Raises:
-        ValueError: the channels differ, or the patches do not tile the latents; says what to change.
+        UserError: the channels differ, or the patches do not tile the latents; says what to change.
     """
     arch, fixed, _ = registry_spec(model_name)
     defaults = {name: p.default for name, p in inspect.signature(ARCHITECTURES[arch]).parameters.items()}
@@ -101,14 +102,14 @@ def check_model_inputs(model_name: str, codec: LatentCodec, image_size: int) -> 
     channels, expected = codec.latent_channels(), config[key]
     if channels != expected:
         vaes = "--vae kl16, as MAR" if "vae_embed_dim" in config else "--vae ema or mse, as DiT"
-        raise ValueError(
+        raise UserError(
             f"--model {model_name} takes {expected}-channel inputs, but --vae {codec.name} gives {channels} "
             f"channels; use a VAE with {expected} latent channels ({vaes}), or leave out "
             f"--model when the features are for a model built with {key}={channels}")
     patch = config["patch_size"]
     latent_size = latent_size_of(codec, image_size)
     if latent_size % patch:
-        raise ValueError(
+        raise UserError(
             f"--image-size {image_size} gives {latent_size}x{latent_size} inputs, which the {patch}x{patch} "
             f"patches of --model {model_name} do not tile; use an --image-size that is a multiple of "
             f"{patch * codec.downsample}")
@@ -142,9 +143,9 @@ def encode_copies(codec: LatentCodec, images: torch.Tensor, indices: Sequence[in
 def check_channels(vae: str, channels: int) -> None:
     """--channels: 3 (RGB) for any codec, 1 (grayscale) for pixel features only (`--vae none`)."""
     if channels not in (1, 3):
-        raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        raise UserError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if channels == 1 and vae != "none":
-        raise ValueError(f"--channels 1 writes grayscale pixels, but --vae {vae} encodes RGB images: use --vae none "
+        raise UserError(f"--channels 1 writes grayscale pixels, but --vae {vae} encodes RGB images: use --vae none "
                          "for grayscale pixel features, or --channels 3")
 
 
@@ -171,13 +172,13 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
         channels: 3 (RGB) or 1 (grayscale, the luma of PIL's "L" mode; pixel features only: a VAE encodes RGB).
         logger: where progress and skipped images are reported.
     Raises:
-        ValueError: bad settings, or a features folder made with other settings.
+        UserError: bad settings, or a features folder made with other settings.
     """
     logger = logger or logging.getLogger(__name__)
     for name, value, least in (("--shard-size", shard_size, 1), ("--batch-size", batch_size, 1),
                                ("--num-workers", num_workers, 0)):
         if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+            raise UserError(f"{name} must be at least {least}, got {value}")
     check_channels(codec.name, channels)
     side = latent_size_of(codec, image_size)
     root = Path(features_path)
@@ -238,7 +239,7 @@ def _encode_shards(images: ImageList, root: Path, codec: LatentCodec, env: DistE
         good = [j for j, error in enumerate(errors) if not error]
         for j in (j for j, error in enumerate(errors) if error):
             if not skip_bad:
-                raise ValueError(f"{errors[j]}. Fix or remove the file, or pass --skip-bad to leave unreadable "
+                raise UserError(f"{errors[j]}. Fix or remove the file, or pass --skip-bad to leave unreadable "
                                  "images out (they are listed in skipped.json)")
             index = int(indices[j])
             logger.warning(f"skipping image {index} ({images.paths[index]}): {errors[j]}")
@@ -292,7 +293,7 @@ def _vae_id(name: str) -> str:
 def _check_folder(root: Path, source: dict) -> None:
     """Refuses a features folder whose shards were made with other settings (they must not mix)."""
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--features-path {str(root)!r} is a file; give a folder")
+        raise UserError(f"--features-path {str(root)!r} is a file; give a folder")
     recorded = False
     for name in (PLAN_FILE, "index.json"):
         if not (root / name).is_file():
@@ -301,10 +302,10 @@ def _check_folder(root: Path, source: dict) -> None:
         found = json.loads((root / name).read_text()).get("source", {})
         differences = setting_differences(found, source, names=_SETTING_FLAGS)
         if differences:
-            raise ValueError(
+            raise UserError(
                 f"--features-path {str(root)!r} holds features made with other settings ({'; '.join(differences)}); "
                 "features of different settings must not mix: use a new --features-path (or delete this one "
                 "to start over)")
     if not recorded and (root / "shards").is_dir() and any((root / "shards").iterdir()):
-        raise ValueError(f"--features-path {str(root)!r} holds shards but no {PLAN_FILE} or index.json saying how "
+        raise UserError(f"--features-path {str(root)!r} holds shards but no {PLAN_FILE} or index.json saying how "
                          "they were made; use a new --features-path (or delete this one to start over)")

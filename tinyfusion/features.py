@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .errors import UserError
 from .fileio import atomic_write, atomic_write_json
 from .paths import file_sha256
 
@@ -67,7 +68,7 @@ class FeatureIndex:
     @classmethod
     def from_json(cls, data: dict, path: str) -> "FeatureIndex":
         if data.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path} is not a feature index (format {data.get('format')!r})")
+            raise UserError(f"{path} is not a feature index (format {data.get('format')!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
@@ -92,7 +93,7 @@ def write_shard(root: str | os.PathLike, shard_id: int, latents: np.ndarray, lab
         latents: (n, copies, C, H, W); labels: (n,) integers.
     """
     if latents.ndim != 5 or labels.shape != (latents.shape[0],):
-        raise ValueError(f"a shard needs latents (n, copies, C, H, W) and labels (n,); got {latents.shape} "
+        raise UserError(f"a shard needs latents (n, copies, C, H, W) and labels (n,); got {latents.shape} "
                          f"and {labels.shape}")
     latents_name, labels_name = shard_names(shard_id)
     atomic_write(Path(root) / latents_name, lambda f: np.save(f, latents))
@@ -105,7 +106,7 @@ def write_index(root: str | os.PathLike, num_shards: int, *, num_classes: int, c
     root = Path(root)
     missing = [i for i in range(num_shards) if not shard_done(root, i)]
     if missing:
-        raise ValueError(f"cannot write the index of {root}: shards {missing[:10]} are missing")
+        raise UserError(f"cannot write the index of {root}: shards {missing[:10]} are missing")
     shards, shape, copies, dtype = [], None, None, None
     for i in range(num_shards):
         latents_name, labels_name = shard_names(i)
@@ -132,14 +133,14 @@ def read_index(root: Path) -> FeatureIndex:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}): it was cut short or overwritten; re-run extract_features.py "
+        raise UserError(f"{path} is damaged ({e}): it was cut short or overwritten; re-run extract_features.py "
                          "with the same arguments to rewrite it (its shards are kept)") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a feature index (a JSON {type(data).__name__}, not an object)")
+        raise UserError(f"{path} is not a feature index (a JSON {type(data).__name__}, not an object)")
     index = FeatureIndex.from_json(data, str(path))
     if not isinstance(index.shards, list) or not all(isinstance(x, dict) and {"latents", "labels", "count"} <= set(x)
                                                      for x in index.shards):
-        raise ValueError(f"{path} is damaged: its shard list is not [{{latents, labels, count}}]; re-run "
+        raise UserError(f"{path} is damaged: its shard list is not [{{latents, labels, count}}]; re-run "
                          "extract_features.py with the same arguments to rewrite it")
     return index
 
@@ -152,15 +153,15 @@ def check_shards(root: Path, index: FeatureIndex) -> None:
                            ("labels", (shard["count"],))):
             file = root / shard[key]
             if not file.is_file():
-                raise ValueError(f"the features at {str(root)!r} lack {shard[key]} (listed in index.json): the folder "
+                raise UserError(f"the features at {str(root)!r} lack {shard[key]} (listed in index.json): the folder "
                                  "is incomplete; copy it again, or re-run extract_features.py to recreate the shard")
             try:
                 found = np.load(file, mmap_mode="r").shape
             except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"{file} is damaged ({e}); re-run extract_features.py to recreate it "
+                raise UserError(f"{file} is damaged ({e}); re-run extract_features.py to recreate it "
                                  "(delete it first)") from None
             if tuple(found) != tuple(shape):
-                raise ValueError(f"{file} has shape {tuple(found)} but index.json says {tuple(shape)}: the folder "
+                raise UserError(f"{file} has shape {tuple(found)} but index.json says {tuple(shape)}: the folder "
                                  "mixes extractions; re-run extract_features.py into a new --features-path")
 
 
@@ -175,7 +176,7 @@ class FeatureDataset(Dataset):
         path: the features folder.
         flip: use the mirrored copies (when the layout has them).
     Raises:
-        ValueError: a folder with no features in either layout, or an inconsistent one.
+        UserError: a folder with no features in either layout, or an inconsistent one.
     """
 
     def __init__(self, path: str | os.PathLike, flip: bool = True):
@@ -196,7 +197,7 @@ class FeatureDataset(Dataset):
             self._feature_files = sorted((self.root / REFERENCE_FEATURES).glob("*.npy"))
             self._label_files = sorted((self.root / REFERENCE_LABELS).glob("*.npy"))
             if len(self._feature_files) != len(self._label_files):
-                raise ValueError(f"{self.root} has {len(self._feature_files)} feature files but "
+                raise UserError(f"{self.root} has {len(self._feature_files)} feature files but "
                                  f"{len(self._label_files)} label files; they must pair up one to one")
             self._length = len(self._feature_files)
             if self._length:
@@ -204,11 +205,11 @@ class FeatureDataset(Dataset):
                 self.copies, self.latent_shape = int(first.shape[0]), tuple(first.shape[1:])
             self.num_classes = None
         else:
-            raise ValueError(
+            raise UserError(
                 f"no features at {str(self.root)!r}: expected index.json (written by extract_features.py) or "
                 f"the folders {REFERENCE_FEATURES}/ and {REFERENCE_LABELS}/. Run extract_features.py first")
         if self._length == 0:
-            raise ValueError(f"the features at {str(self.root)!r} hold no images")
+            raise UserError(f"the features at {str(self.root)!r} hold no images")
         self.flip = flip and self.copies > 1
 
     def __len__(self) -> int:
@@ -308,10 +309,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, num_items: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  copies: int = 1, start_step: int = 0, max_steps: int | None = None):
         if global_batch_size % world_size:
-            raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by the {world_size} "
+            raise UserError(f"--global-batch-size {global_batch_size} is not divisible by the {world_size} "
                              "processes; choose a multiple of the process count")
         if global_batch_size > num_items:
-            raise ValueError(f"--global-batch-size {global_batch_size} is larger than the dataset "
+            raise UserError(f"--global-batch-size {global_batch_size} is larger than the dataset "
                              f"({num_items} items); lower it")
         self.num_items, self.global_batch_size = num_items, global_batch_size
         self.rank, self.world_size, self.seed, self.copies = rank, world_size, seed, copies

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
+from .errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -119,7 +121,7 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if not self._stale(owner):
-                    raise ValueError(
+                    raise UserError(
                         f"the run folder {str(self.path.parent)!r} is in use by pid {owner.get('pid')} on "
                         f"{owner.get('host')} since {owner.get('started')} ({owner.get('command', '?')}); wait "
                         f"for that run to end or choose another --prefix (if no such run exists, delete "
@@ -132,7 +134,7 @@ class RunLock:
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
             return
-        raise ValueError(f"could not take the lock {str(self.path)!r}: another run keeps taking it")
+        raise UserError(f"could not take the lock {str(self.path)!r}: another run keeps taking it")
 
     def release(self) -> None:
         self._stop.set()

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import UserError
+
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -58,16 +60,16 @@ def list_image_folder(root: str | os.PathLike) -> ImageList:
     Args:
         root: the folder holding one subfolder per class.
     Raises:
-        ValueError: the folder does not exist, has no class subfolders, or a class folder holds no
+        UserError: the folder does not exist, has no class subfolders, or a class folder holds no
             image with one of IMAGE_EXTENSIONS.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"--data-path {str(root)!r} is not a folder; give the folder that holds one subfolder "
+        raise UserError(f"--data-path {str(root)!r} is not a folder; give the folder that holds one subfolder "
                          "per class (ImageFolder layout: DATA/<class>/<image>.JPEG)")
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not class_names:
-        raise ValueError(f"--data-path {str(root)!r} has no class subfolders; put the images in one subfolder "
+        raise UserError(f"--data-path {str(root)!r} has no class subfolders; put the images in one subfolder "
                          "per class (ImageFolder layout: DATA/<class>/<image>.JPEG), even if there is one class")
     paths, labels, empty = [], [], []
     for label, name in enumerate(class_names):
@@ -81,7 +83,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageList:
         if not found:
             empty.append(name)
     if empty:
-        raise ValueError(f"class folders {empty[:10]} of {str(root)!r} hold no images (extensions: "
+        raise UserError(f"class folders {empty[:10]} of {str(root)!r} hold no images (extensions: "
                          f"{', '.join(IMAGE_EXTENSIONS)}); remove them or add images, since every class "
                          "folder takes a label")
     return ImageList(root=root, paths=paths, labels=labels, class_names=class_names)
@@ -109,13 +111,13 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     """An image file decoded in full, as RGB (or `mode`, e.g. "L" for grayscale).
 
     Raises:
-        ValueError: the file cannot be read or decoded, naming it.
+        UserError: the file cannot be read or decoded, naming it.
     """
     try:
         with Image.open(path) as image:
             return image.convert(mode)
     except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        raise UserError(f"cannot read image {str(path)!r}: {e}") from None
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -25,6 +25,7 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model, save_model
 from .distributed import barrier
 from .engine import Batch, Task, Trainer
+from .errors import UserError
 from .options import MaskedKDOptions
 from .training import (
     checkpoint_record,
@@ -76,13 +77,13 @@ def parse_layer_map(text: str, student_depth: int, teacher_depth: int) -> dict[i
     for term in text.replace(" ", "").split(","):
         parts = term.split(":")
         if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(f"--layer-map: cannot read {term!r}; write student:teacher pairs such as '0:0,1:2'")
+            raise UserError(f"--layer-map: cannot read {term!r}; write student:teacher pairs such as '0:0,1:2'")
         s, t = int(parts[0]), int(parts[1])
         if not (0 <= s < student_depth and 0 <= t < teacher_depth):
-            raise ValueError(f"--layer-map: {s}:{t} is out of range (student blocks 0..{student_depth - 1}, "
+            raise UserError(f"--layer-map: {s}:{t} is out of range (student blocks 0..{student_depth - 1}, "
                              f"teacher blocks 0..{teacher_depth - 1})")
         if s in mapping:
-            raise ValueError(f"--layer-map: student block {s} is mapped twice")
+            raise UserError(f"--layer-map: student block {s} is mapped twice")
         mapping[s] = t
     return mapping
 
@@ -90,14 +91,14 @@ def parse_layer_map(text: str, student_depth: int, teacher_depth: int) -> dict[i
 def default_layer_map(lineage: dict | None, student_depth: int, teacher_depth: int) -> dict[int, int]:
     """Student block i -> the teacher block it was copied from, read from the student's lineage."""
     if lineage is None:
-        raise ValueError("the student checkpoint records no lineage (which teacher block each of its blocks came "
+        raise UserError("the student checkpoint records no lineage (which teacher block each of its blocks came "
                          "from): pass --layer-map, e.g. '0:0,1:2,...', or --beta-feat 0 for output KD only")
     if lineage["source_depth"] != teacher_depth:
-        raise ValueError(f"the student was pruned from a model of depth {lineage['source_depth']} but the teacher "
+        raise UserError(f"the student was pruned from a model of depth {lineage['source_depth']} but the teacher "
                          f"has depth {teacher_depth}; use the teacher it was pruned from, or pass --layer-map")
     mapping = lineage_layer_map(lineage["kept_indices"])
     if len(mapping) != student_depth:
-        raise ValueError(f"the lineage lists {len(mapping)} blocks but the student has {student_depth}")
+        raise UserError(f"the lineage lists {len(mapping)} blocks but the student has {student_depth}")
     return mapping
 
 
@@ -119,9 +120,9 @@ class MaskedKDTask(Task):
     def __init__(self, process: NoiseProcess, teacher: nn.Module, student: nn.Module, layer_map: dict[int, int],
                  alpha_kd: float, beta_feat: float, mask_k: float | None):
         if not 0.0 <= alpha_kd <= 1.0:
-            raise ValueError(f"--alpha-kd must be in [0, 1], got {alpha_kd}")
+            raise UserError(f"--alpha-kd must be in [0, 1], got {alpha_kd}")
         if beta_feat < 0:
-            raise ValueError(f"--beta-feat must be non-negative, got {beta_feat}")
+            raise UserError(f"--beta-feat must be non-negative, got {beta_feat}")
         self.process, self.teacher, self.layer_map = process, teacher, layer_map
         self.alpha, self.beta0, self.mask_k = alpha_kd, beta_feat, mask_k
         self.student_tap = self.teacher_tap = None
@@ -169,16 +170,16 @@ def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) ->
         if key in s and s.get(key) != t.get(key):
             problems.append(f"{key} {s.get(key)} vs {t.get(key)}")
     if problems:
-        raise ValueError(f"--load-teacher {path} cannot teach this student: {'; '.join(problems)}; use the model the "
+        raise UserError(f"--load-teacher {path} cannot teach this student: {'; '.join(problems)}; use the model the "
                          "student was pruned from")
 
 
 def run_masked_kd(args: MaskedKDOptions) -> None:
     """train_masked_kd.py: recover a pruned student by Masked KD from its teacher."""
     if not args.load_weight:
-        raise ValueError("give the pruned student with --load-weight")
+        raise UserError("give the pruned student with --load-weight")
     if not args.load_teacher:
-        raise ValueError("give the teacher with --load-teacher: the model the student was pruned from")
+        raise UserError("give the teacher with --load-teacher: the model the student was pruned from")
     with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd",
                    outputs={"--save-model": args.save_model}) as run:
         student = model_for_training(args, run.dataset, run.logger)

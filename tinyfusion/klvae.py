@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
+
 KL16_SCALING_FACTOR = 0.2325
 # Where the official code keeps it (util/download.py): pretrained_models/vae/kl16.ckpt.
 KL16_DEFAULT_PATH = Path("pretrained_models/vae/kl16.ckpt")
@@ -199,7 +201,7 @@ class KLAutoencoder(nn.Module):
     def config_from_state_dict(cls, state_dict: dict) -> dict:
         """The constructor arguments the weights' shapes imply (raises ValueError for another layout)."""
         if "encoder.conv_in.weight" not in state_dict or "quant_conv.weight" not in state_dict:
-            raise ValueError("not an LDM KL autoencoder (no encoder.conv_in / quant_conv weights)")
+            raise UserError("not an LDM KL autoencoder (no encoder.conv_in / quant_conv weights)")
         ch = state_dict["encoder.conv_in.weight"].shape[0]
         levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
         mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
@@ -213,26 +215,26 @@ def load_kl_autoencoder(path: str | os.PathLike) -> KLAutoencoder:
     """The autoencoder of a `kl16.ckpt`-style file ({"model": state dict}, or a bare state dict), strict.
 
     Raises:
-        ValueError: the file is missing, unreadable or not such an autoencoder; says where to get it.
+        UserError: the file is missing, unreadable or not such an autoencoder; says where to get it.
     """
     from .checkpoint import read_checkpoint
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"the KL-16 VAE {str(path)!r} does not exist: download MAR's kl16.ckpt ({KL16_URL}) to "
+        raise UserError(f"the KL-16 VAE {str(path)!r} does not exist: download MAR's kl16.ckpt ({KL16_URL}) to "
                          f"{KL16_DEFAULT_PATH} (where the official code keeps it), or pass --vae PATH/kl16.ckpt")
     obj = read_checkpoint(path)  # safe unpickling; a file that is no checkpoint is named as such
     state = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} holds no state dict of tensors (expected {{'model': ...}} as kl16.ckpt)")
+        raise UserError(f"{str(path)!r} holds no state dict of tensors (expected {{'model': ...}} as kl16.ckpt)")
     # The training loss's tensors (discriminator, perceptual net) are not the autoencoder's.
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     try:
         model = KLAutoencoder(**KLAutoencoder.config_from_state_dict(state))
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{str(path)!r} is not a KL autoencoder of LDM's layout: {e}") from None
+        raise UserError(f"{str(path)!r} is not a KL autoencoder of LDM's layout: {e}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the weights in {str(path)!r} do not fit the KL autoencoder: missing {missing[:4]}, "
+        raise UserError(f"the weights in {str(path)!r} do not fit the KL autoencoder: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     return model.eval().requires_grad_(False)

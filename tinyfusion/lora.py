@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from models import flat_blocks
 
+from .errors import UserError
+
 # The Linears of a DiT block: attention, MLP and the adaLN modulation (a MAR block has no adaLN).
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
 # What `--lora-targets` may say besides layer names: "all" adapts every Linear of the model (the
@@ -30,7 +32,7 @@ def lora_linear_names(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS
     if targets == ["blocks"]:
         return block_linear_names(model, ["re:.*"])  # every Linear of the blocks, whatever the family
     if set(targets) & set(TARGET_SETS):
-        raise ValueError(f"--lora-targets {' '.join(targets)}: 'all' and 'blocks' stand alone; give one of them, or "
+        raise UserError(f"--lora-targets {' '.join(targets)}: 'all' and 'blocks' stand alone; give one of them, or "
                          "layer names within a block (e.g. attn.qkv mlp.fc1)")
     return block_linear_names(model, targets)
 
@@ -42,7 +44,7 @@ def block_linear_names(model: nn.Module, targets: Sequence[str] = BLOCK_TARGETS)
     A target matches the end of the name within its block ("attn.qkv", "fc1") or, written as
     "re:<pattern>", a regular expression over that name.
     Raises:
-        ValueError: when a target matches no Linear layer (a typo would otherwise train nothing).
+        UserError: when a target matches no Linear layer (a typo would otherwise train nothing).
     """
     names, hits = [], {t: 0 for t in targets}
     prefixes = _module_names(model)
@@ -57,7 +59,7 @@ def block_linear_names(model: nn.Module, targets: Sequence[str] = BLOCK_TARGETS)
                 names.append(f"{prefixes[id(block)]}.{name}")
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
-        raise ValueError(f"LoRA targets {missing} match no Linear layer of the blocks; "
+        raise UserError(f"LoRA targets {missing} match no Linear layer of the blocks; "
                          f"the block Linears are named like {_example_names(model)}")
     return names
 
@@ -78,7 +80,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
     from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
 
     if rank < 1:
-        raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
+        raise UserError(f"the LoRA rank must be at least 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
                         target_modules=lora_linear_names(model, targets), bias="none")
     inject_adapter_in_model(config, model)

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from .errors import UserError
+
 PathArg = str | os.PathLike | None
 
 
@@ -41,20 +43,20 @@ def check_writable(flag: str, path: str | os.PathLike, *, folder: bool = False) 
     """
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; give a folder path")
+        raise UserError(f"{flag} {str(path)!r} is a file, not a folder; give a folder path")
     if not folder and path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path (e.g. {str(path / 'out')!r} "
+        raise UserError(f"{flag} {str(path)!r} is a folder; give a file path (e.g. {str(path / 'out')!r} "
                          "plus the extension)")
     where = path if folder and path.exists() else path.parent
     anchor = _nearest_existing(where)
     if not anchor.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(anchor)!r} is a file, not a folder; "
+        raise UserError(f"{flag} {str(path)!r} cannot be created: {str(anchor)!r} is a file, not a folder; "
                          "choose another path")
     try:  # a real probe: permissions, read-only file systems and quotas all show here (os.access does not)
         with tempfile.TemporaryFile(dir=anchor, prefix=".tinyfusion-write-check-"):
             pass
     except OSError as e:
-        raise ValueError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e} in {str(anchor)!r}); "
+        raise UserError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e} in {str(anchor)!r}); "
                          "choose a writable location") from None
 
 
@@ -67,7 +69,7 @@ def check_outputs(outputs: Mapping[str, PathArg], inputs: Mapping[str, PathArg] 
         inputs: flag -> file or folder the command reads.
         folders: flag -> folder the command writes in.
     Raises:
-        ValueError: naming the flags and the fix.
+        UserError: naming the flags and the fix.
     """
     inputs, folders = inputs or {}, folders or {}
     given_inputs = {flag: p for flag, p in inputs.items() if p}
@@ -77,7 +79,7 @@ def check_outputs(outputs: Mapping[str, PathArg], inputs: Mapping[str, PathArg] 
                 continue
             for in_flag, inp in given_inputs.items():
                 if same_path(out, inp):
-                    raise ValueError(f"{flag} {str(out)!r} is the same {'folder' if kind_folder else 'file'} as "
+                    raise UserError(f"{flag} {str(out)!r} is the same {'folder' if kind_folder else 'file'} as "
                                      f"{in_flag} {str(inp)!r}: writing it would destroy the input; choose another "
                                      f"{flag}")
             check_writable(flag, out, folder=kind_folder)
@@ -85,7 +87,7 @@ def check_outputs(outputs: Mapping[str, PathArg], inputs: Mapping[str, PathArg] 
     for i, (flag_a, a) in enumerate(written):
         for flag_b, b in written[i + 1:]:
             if same_path(a, b):
-                raise ValueError(f"{flag_a} and {flag_b} are the same path {str(a)!r}: one output would overwrite "
+                raise UserError(f"{flag_a} and {flag_b} are the same path {str(a)!r}: one output would overwrite "
                                  "the other; give them different paths")
 
 

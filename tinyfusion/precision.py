@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from .errors import UserError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,9 +27,9 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision is None or precision == "auto":
         return default_precision(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (or auto), got {precision!r}")
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)} (or auto), got {precision!r}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bf16; use --precision fp16 (with loss scaling) or fp32")
+        raise UserError("this GPU does not support bf16; use --precision fp16 (with loss scaling) or fp32")
     return precision
 
 

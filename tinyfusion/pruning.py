@@ -34,6 +34,7 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model, pruned_lineage, save_model
 from .distributed import barrier
 from .engine import Trainer
+from .errors import UserError
 from .lora import DEFAULT_TARGETS, add_lora, trainable_fraction
 from .options import IndexPruningOptions, LearnedPruningOptions, RuntimeOptions
 from .paths import check_outputs
@@ -57,14 +58,14 @@ def oracle_indices(depth: int) -> list[int]:
     """BK-SDM's pattern at half depth: blocks in consecutive pairs; pairs in the first half keep their
     first block, pairs in the second half their last (for 28 blocks: 0 2 ... 12 15 17 ... 27)."""
     if depth % 2 or depth < 2:
-        raise ValueError(f"the oracle pattern halves a model of even depth; this one has {depth} blocks")
+        raise UserError(f"the oracle pattern halves a model of even depth; this one has {depth} blocks")
     pairs = depth // 2
     return [2 * p if 2 * p < depth / 2 else 2 * p + 1 for p in range(pairs)]
 
 
 def first_k_indices(depth: int, k: int) -> list[int]:
     if not 1 <= k <= depth:
-        raise ValueError(f"--target-depth {k} must be between 1 and the model's depth {depth}")
+        raise UserError(f"--target-depth {k} must be between 1 and the model's depth {depth}")
     return list(range(k))
 
 
@@ -73,7 +74,7 @@ def kept_from_pruned(pruned: Sequence[int], depth: int) -> list[int]:
     pruned = validate_kept_indices(pruned, depth)
     kept = [i for i in range(depth) if i not in set(pruned)]
     if not kept:
-        raise ValueError("--pruned-indices removes every block; keep at least one")
+        raise UserError("--pruned-indices removes every block; keep at least one")
     return kept
 
 
@@ -120,13 +121,13 @@ def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
         # The BK-SDM pattern halves each stack on its own.
         kept = join_indices({name: oracle_indices(d) for name, d in depths.items()}, depths)
         if args.target_depth is not None and args.target_depth != len(kept):
-            raise ValueError(f"--preset oracle is BK-SDM's pattern at half depth ({len(kept)} of {depth} blocks); it "
+            raise UserError(f"--preset oracle is BK-SDM's pattern at half depth ({len(kept)} of {depth} blocks); it "
                              f"has no form for --target-depth {args.target_depth}: drop --target-depth, or use "
                              "--preset first-k, --kept-indices, or prune_by_score.py for that depth")
         method = "oracle"
     elif args.preset == "first-k":
         if args.target_depth is None:
-            raise ValueError("--preset first-k needs --target-depth")
+            raise UserError("--preset first-k needs --target-depth")
         kept, method = first_k_indices(depth, args.target_depth), "first-k"
     elif args.kept_indices is not None:
         kept = validate_kept_indices(parse_stack_indices(args.kept_indices, depths, "--kept-indices"), depth)
@@ -176,7 +177,7 @@ class LearnedPruningTask(DiffusionTask):
         super().__init__(process)
         for name, (start, end) in (("--tau-range", tau_range), ("--scaling-range", scaling_range)):
             if start <= 0 or end <= 0:
-                raise ValueError(f"{name} values must be positive, got {start} {end}")
+                raise UserError(f"{name} values must be positive, got {start} {end}")
         self.gated, self.tau_range, self.scaling_range, self.run_dir = gated, tau_range, scaling_range, run_dir
         self.gate_options = sum(gated.gates.num_options)
 
@@ -241,22 +242,22 @@ def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
 
 def _gated_source(args: LearnedPruningOptions) -> LoadedModel:
     if args.model is None and args.groups is None:
-        raise ValueError("give a gated model (e.g. --model DiT-XL-1-2) or N:M groups (--groups 14x1:2)")
+        raise UserError("give a gated model (e.g. --model DiT-XL-1-2) or N:M groups (--groups 14x1:2)")
     loaded = load_model(args.load_weight, args.model, weights=args.weights, num_heads=args.num_heads)
     if args.groups is not None:
         base = loaded.model.release() if isinstance(loaded.model, GatedModel) else loaded.model
         loaded.model = GatedModel(base, parse_stack_groups(args.groups, stack_depths(base)))
     if not isinstance(loaded.model, GatedModel):
-        raise ValueError(f"--model {args.model} has no gates: use a gated preset (e.g. DiT-XL-1-2) or add --groups")
+        raise UserError(f"--model {args.model} has no gates: use a gated preset (e.g. DiT-XL-1-2) or add --groups")
     return loaded
 
 
 def run_prune_by_learning(args: LearnedPruningOptions) -> None:
     """prune_by_learning.py: learn which blocks to keep, then cut them from the original weights."""
     if args.lora and not args.delta_w:
-        raise ValueError("--lora chooses how weights are updated and needs --delta-w")
+        raise UserError("--lora chooses how weights are updated and needs --delta-w")
     if not args.save_model:
-        raise ValueError("give --save-model: where to write the pruned model")
+        raise UserError("give --save-model: where to write the pruned model")
     name = (args.model or Path(args.load_weight).stem).replace("/", "-")
     with start_run(args, default_prefix=f"{name}-learned-pruning", outputs={"--save-model": args.save_model}) as run:
         loaded = _gated_source(args)

@@ -41,6 +41,7 @@ from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
 from .distributed import DistEnv, barrier, broadcast_object
+from .errors import UserError
 from .features import SeedPurpose, derive_seed
 from .fileio import atomic_write, atomic_write_json, remove_orphan_temporaries, setting_differences
 from .options import SAMPLER_OPTION_FIELDS, SampleGridOptions, SampleSetOptions, SamplingOptions
@@ -81,7 +82,7 @@ class SamplingSpec:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
     def for_process(cls, process: NoiseProcess, *, sampler: str | None, num_steps: int | None,
@@ -116,10 +117,10 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
             the codec the checkpoint records (see `tinyfusion.vae.resolve_codec`).
         device: where to sample.
     Raises:
-        ValueError: no checkpoint, or a model whose input channels the codec does not produce.
+        UserError: no checkpoint, or a model whose input channels the codec does not produce.
     """
     if not ckpt:
-        raise ValueError("no checkpoint given: pass --ckpt PATH (official DiT weights, a TinyFusion or toolkit file)")
+        raise UserError("no checkpoint given: pass --ckpt PATH (official DiT weights, a TinyFusion or toolkit file)")
     loaded = load_model(ckpt, model_name, weights=weights, num_heads=num_heads)
     in_channels = unwrap(loaded.model).data_shape[0]
     spec, why = resolve_codec(vae, loaded.codec, in_channels)
@@ -131,7 +132,7 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
         vaes = "--vae kl16 (or a kl16.ckpt)" if in_channels == 16 else "--vae ema or --vae mse (or a VAE folder)"
         fix = (f"this is a latent-space model: pass {vaes}" if codec.vae is None
                else "pass the VAE the model was trained with, or --vae none for a pixel-space model")
-        raise ValueError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {spec} makes "
+        raise UserError(f"the model in {ckpt} takes {in_channels}-channel inputs, but --vae {spec} makes "
                          f"{produced}-channel ones; {fix}")
     loaded.model.to(device).eval()
     return loaded, codec
@@ -144,7 +145,7 @@ def resolve_class_labels(labels: Sequence[int] | None, num_classes: int) -> list
     nothing to a model of another dataset, so there it is the first (up to) eight classes.
 
     Raises:
-        ValueError: a label that is not a class of the model.
+        UserError: a label that is not a class of the model.
     """
     if labels is None:
         if num_classes == 1000:
@@ -152,7 +153,7 @@ def resolve_class_labels(labels: Sequence[int] | None, num_classes: int) -> list
         return list(range(min(len(SHOWCASE_CLASSES), num_classes)))
     bad = [label for label in labels if not 0 <= label < num_classes]
     if bad:
-        raise ValueError(f"--class-labels {' '.join(map(str, bad))}: the model has {num_classes} classes, "
+        raise UserError(f"--class-labels {' '.join(map(str, bad))}: the model has {num_classes} classes, "
                          f"numbered 0 to {num_classes - 1}; pass labels in that range")
     return list(labels)
 
@@ -215,10 +216,10 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
     """
     device = next(model.parameters()).device
     if len(seeds) != len(labels):
-        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels; give one seed per image")
+        raise UserError(f"got {len(seeds)} seeds for {len(labels)} labels; give one seed per image")
     inner = unwrap(model)
     if spec.cfg_scale != 1.0 and inner.label_dropout == 0:
-        raise ValueError("the model has no null class (it was trained without label dropout), so it cannot be "
+        raise UserError("the model has no null class (it was trained without label dropout), so it cannot be "
                          "guided; use --cfg-scale 1")
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     if process.drives_model:  # the model's own loop (MAR's masked iterations)
@@ -310,7 +311,7 @@ def run_sample(args: SampleGridOptions) -> Path:
     check_outputs({"--out": args.out}, {"--ckpt": args.ckpt, "--vae": args.vae})
     with bootstrap(args) as rt:
         if rt.env.distributed:
-            raise ValueError("sample.py runs in one process; for many images on many GPUs use "
+            raise UserError("sample.py runs in one process; for many images on many GPUs use "
                              "torchrun ... sample_ddp.py")
         loaded, process, codec, spec = _prepare(args, rt)
         num_classes = unwrap(loaded.model).num_classes
@@ -379,7 +380,7 @@ def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
     """Checks (or records) the protocol of a run folder; returns the batches still to sample.
 
     Raises:
-        ValueError: the folder holds parts of another protocol, or parts with no protocol.
+        UserError: the folder holds parts of another protocol, or parts with no protocol.
     """
     record = run_dir / "protocol.json"
     remove_orphan_temporaries(_part_path(run_dir, 0).parent)  # of an interrupted run's writes
@@ -388,12 +389,12 @@ def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
         recorded = json.loads(record.read_text())
         differences = setting_differences(recorded, protocol, ignore=_INFORMATIONAL)
         if differences:
-            raise ValueError(
+            raise UserError(
                 f"{run_dir} holds samples of another protocol:\n  " + "\n  ".join(differences)
                 + "\nRun with the recorded settings to resume it, or pass another --sample-dir (or delete the "
                   "folder) to start afresh.")
     elif any(run_dir.glob("part-*.npz")):
-        raise ValueError(f"{run_dir} holds sample parts but no protocol.json, so they cannot be trusted; delete the "
+        raise UserError(f"{run_dir} holds sample parts but no protocol.json, so they cannot be trusted; delete the "
                          "folder or pass another --sample-dir")
     else:
         atomic_write_json(record, protocol)
@@ -406,7 +407,7 @@ def _read_part(run_dir: Path, batch: int, batch_size: int, num_samples: int) -> 
         images, labels, indices = part["images"], part["labels"], part["indices"]
     expected = np.arange(batch * batch_size, min((batch + 1) * batch_size, num_samples))
     if not np.array_equal(indices, expected):
-        raise ValueError(f"{_part_path(run_dir, batch)} does not hold images {expected[0]}..{expected[-1]}; "
+        raise UserError(f"{_part_path(run_dir, batch)} does not hold images {expected[0]}..{expected[-1]}; "
                          "delete it and run again to redo it")
     return images, labels
 
@@ -474,13 +475,13 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
     Returns:
         the protocol; on rank 0 as written beside the .npz, with "npz" and "npz_sha256" added.
     Raises:
-        ValueError: bad counts, or a run folder of another protocol.
+        UserError: bad counts, or a run folder of another protocol.
     """
     logger = logger or logging.getLogger(__name__)
     if num_samples < 1:
-        raise ValueError(f"--num-fid-samples must be at least 1, got {num_samples}")
+        raise UserError(f"--num-fid-samples must be at least 1, got {num_samples}")
     if batch_size < 1:
-        raise ValueError(f"--per-proc-batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"--per-proc-batch-size must be at least 1, got {batch_size}")
     run_dir, npz_path = Path(run_dir), Path(npz_path)
     num_batches = -(-num_samples // batch_size)
     opened = None
@@ -494,7 +495,7 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
     # Every rank stops on a refused folder, instead of waiting for rank 0 at the next barrier.
     error, protocol, todo = broadcast_object(opened)
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     logger.info(f"{run_dir}: sampling {len(todo)} of {num_batches} batches of {batch_size} "
                 f"({num_batches - len(todo)} already done) on {env.world_size} process(es)")
 
@@ -525,7 +526,7 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
 def run_sample_ddp(args: SampleSetOptions) -> Path:
     """sample_ddp.py: an FID sample set under torchrun (or one process), resumable."""
     if args.npz and not args.npz.endswith(".npz"):
-        raise ValueError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
+        raise UserError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
     inputs = {"--ckpt": args.ckpt, "--vae": args.vae}
     check_outputs({"--npz": args.npz}, inputs, folders={"--sample-dir": args.sample_dir})
     with bootstrap(args) as rt:

@@ -21,6 +21,7 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model
 from .distributed import all_reduce_sum, barrier
 from .engine import step_draws
+from .errors import UserError
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .options import ScorePruningOptions
 from .paths import check_outputs
@@ -100,14 +101,14 @@ def select_kept(scores: Sequence[float], n_pruned: int, protect_first: int = 0, 
     """Prunes the n_pruned least important blocks outside the protected first and last ones.
 
     Raises:
-        ValueError: when the protected blocks leave fewer than n_pruned candidates.
+        UserError: when the protected blocks leave fewer than n_pruned candidates.
     """
     depth = len(scores)
     if protect_first < 0 or protect_last < 0:
-        raise ValueError("--protect-first and --protect-last must be non-negative")
+        raise UserError("--protect-first and --protect-last must be non-negative")
     candidates = [i for i in range(depth) if protect_first <= i < depth - protect_last]
     if not 1 <= n_pruned <= len(candidates) or n_pruned >= depth:
-        raise ValueError(f"cannot prune {n_pruned} of {depth} blocks with the first {protect_first} and the last "
+        raise UserError(f"cannot prune {n_pruned} of {depth} blocks with the first {protect_first} and the last "
                          f"{protect_last} protected ({len(candidates)} candidates); lower the number pruned or "
                          "protect fewer blocks")
     pruned = sorted(candidates, key=lambda i: (float(scores[i]), i))[:n_pruned]
@@ -118,28 +119,28 @@ def stack_targets(target_depth: Sequence[str] | None, depths: dict[str, int], ck
     """Per-stack kept depths of a `--target-depth` written per stack (encoder=8 decoder=8), else None.
 
     Raises:
-        ValueError: a stack missing, unknown or given a depth outside 1..its depth.
+        UserError: a stack missing, unknown or given a depth outside 1..its depth.
     """
     if not target_depth:
         return None
     if not any("=" in t for t in target_depth):
         if len(target_depth) != 1 or not target_depth[0].isdigit():
-            raise ValueError(f"--target-depth {' '.join(target_depth)}: give one number, or one STACK=DEPTH per "
+            raise UserError(f"--target-depth {' '.join(target_depth)}: give one number, or one STACK=DEPTH per "
                              f"stack ({', '.join(f'{n}=...' for n in depths)})")
         return None
     targets = {}
     for term in target_depth:
         name, _, value = term.partition("=")
         if name not in depths:
-            raise ValueError(f"--target-depth {term}: {ckpt} has the stacks {', '.join(depths)}")
+            raise UserError(f"--target-depth {term}: {ckpt} has the stacks {', '.join(depths)}")
         if not value.isdigit() or not 1 <= int(value) <= depths[name]:
-            raise ValueError(f"--target-depth {term}: keep between 1 and {depths[name]} blocks of {name!r}")
+            raise UserError(f"--target-depth {term}: keep between 1 and {depths[name]} blocks of {name!r}")
         targets[name] = int(value)
     missing = [n for n in depths if n not in targets]
     if missing:
-        raise ValueError(f"--target-depth: give a depth for every stack; {missing[0]!r} has none")
+        raise UserError(f"--target-depth: give a depth for every stack; {missing[0]!r} has none")
     if sum(targets.values()) == sum(depths.values()):
-        raise ValueError("--target-depth keeps every block: prune at least one")
+        raise UserError("--target-depth keeps every block: prune at least one")
     return targets
 
 
@@ -168,7 +169,7 @@ def format_score_table(scores: Sequence[float], kept: Sequence[int], criterion: 
 def run_prune_by_score(args: ScorePruningOptions) -> None:
     """prune_by_score.py: score every block on calibration data, prune the least important."""
     if (args.n_pruned is None) == (args.target_depth is None):
-        raise ValueError("give exactly one of --n-pruned and --target-depth")
+        raise UserError("give exactly one of --n-pruned and --target-depth")
     scores_path = Path(args.save_scores or Path(args.save_model).with_suffix(".scores.json"))
     check_outputs({"--save-model": args.save_model, "--save-scores": scores_path},
                   {"--ckpt": args.ckpt, "--data-path": args.data_path})
@@ -181,7 +182,7 @@ def run_prune_by_score(args: ScorePruningOptions) -> None:
             if not 1 <= n_pruned <= depth - 1:
                 flag = (f"--n-pruned {args.n_pruned}" if args.n_pruned is not None
                         else f"--target-depth {args.target_depth[0]}")
-                raise ValueError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
+                raise UserError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
                                  f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
         if args.criterion == "random":
             scores, count = random_scores(depth, args.global_seed), 0
@@ -209,7 +210,7 @@ def run_prune_by_score(args: ScorePruningOptions) -> None:
 
 def _calibrated_scores(args: ScorePruningOptions, source: LoadedModel, rt: Runtime) -> tuple[torch.Tensor, int]:
     if not args.data_path:
-        raise ValueError(f"--criterion {args.criterion} needs calibration data: give --data-path")
+        raise UserError(f"--criterion {args.criterion} needs calibration data: give --data-path")
     env = rt.env
     dataset = FeatureDataset(args.data_path)
     check_data_fits(source.model, dataset)

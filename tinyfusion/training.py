@@ -19,6 +19,7 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model, save_model
 from .distributed import DistEnv, barrier, broadcast_object
 from .engine import CONTENT_SUFFIX, Batch, Task, TrainConfig, Trainer
+from .errors import UserError
 from .features import FeatureDataset
 from .fileio import RunLock, remove_orphan_temporaries
 from .options import TrainingOptions, TrainOptions
@@ -85,7 +86,7 @@ def start_run(opts: TrainingOptions, default_prefix: str, *, outputs: dict | Non
         if error:
             if rt.env.is_main and created:
                 _remove_if_unused(run_dir)
-            raise ValueError(error)
+            raise UserError(error)
         try:
             if rt.env.is_main:
                 for folder in (run_dir, run_dir / "checkpoints"):
@@ -118,12 +119,12 @@ def _remove_if_unused(run_dir: Path) -> None:
 def total_steps(args: TrainingOptions, dataset: FeatureDataset) -> int:
     """Steps of the run from --epochs or --max-steps (exactly one of them)."""
     if (args.epochs is None) == (args.max_steps is None):
-        raise ValueError("give exactly one of --epochs and --max-steps")
+        raise UserError("give exactly one of --epochs and --max-steps")
     if args.max_steps is not None:
         return args.max_steps
     steps_per_epoch = len(dataset) // args.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
+        raise UserError(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
                          f"({len(dataset)} images)")
     return args.epochs * steps_per_epoch
 
@@ -170,7 +171,7 @@ def check_data_fits(model: nn.Module, dataset: FeatureDataset, what: str = "the 
     """The features must have the shape of the model's inputs."""
     expected = tuple(unwrap(model).data_shape)
     if tuple(dataset.latent_shape) != expected:
-        raise ValueError(f"the features at {dataset.root} are {tuple(dataset.latent_shape)} but {what} expects "
+        raise UserError(f"the features at {dataset.root} are {tuple(dataset.latent_shape)} but {what} expects "
                          f"{expected} (channels, height, width); extract features with the codec and image size "
                          "the model was trained with")
 
@@ -199,7 +200,7 @@ def model_for_training(args: TrainingOptions, dataset: FeatureDataset, logger: l
                              codec=dataset_codec(dataset), lineage=None, weights="scratch", path="", extra={})
         logger.info(f"training {args.model} from scratch ({num_classes} classes, latents {dataset.latent_shape})")
     else:
-        raise ValueError("give --load-weight (a checkpoint to start from) or --model (a registry model to train "
+        raise UserError("give --load-weight (a checkpoint to start from) or --model (a registry model to train "
                          "from scratch)")
     check_data_fits(loaded.model, dataset)
     if loaded.codec is None:

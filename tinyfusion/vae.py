@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .errors import UserError
+
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
@@ -50,7 +52,7 @@ class LatentCodec(nn.Module):
 
     def latent_size(self, image_size: int) -> int:
         if image_size % self.downsample:
-            raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor "
+            raise UserError(f"image size {image_size} is not divisible by the VAE's downsampling factor "
                              f"{self.downsample}")
         return image_size // self.downsample
 
@@ -97,7 +99,7 @@ def load_codec(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
     """Loads `--vae`: "ema", "mse", a hub id, a local diffusers folder, or "none" (pixel space).
 
     Raises:
-        ValueError: the VAE is not on disk and cannot be downloaded, naming what to do instead.
+        UserError: the VAE is not on disk and cannot be downloaded, naming what to do instead.
     """
     if spec == "none":
         return LatentCodec(None, "none")
@@ -111,13 +113,13 @@ def load_codec(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
     source = HUB_VAES.get(spec, spec)
     local = os.path.isdir(source)
     if not local and "/" not in source:
-        raise ValueError(f"--vae {spec!r} is neither 'ema', 'mse', 'kl16', 'none', a folder, a .ckpt nor a hub id")
+        raise UserError(f"--vae {spec!r} is neither 'ema', 'mse', 'kl16', 'none', a folder, a .ckpt nor a hub id")
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         where = (f"the folder {source!r}" if local
                  else f"{source!r} (not in the local Hugging Face cache, and the hub is unreachable)")
-        raise ValueError(
+        raise UserError(
             f"cannot load the VAE from {where}: {str(e).splitlines()[0]}. On a machine that is online, run "
             f"`python -c \"from diffusers.models import AutoencoderKL; AutoencoderKL.from_pretrained('{source}')"
             ".save_pretrained('vae')\"` and pass --vae vae") from None
@@ -140,7 +142,7 @@ def resolve_codec(flag: str | None, recorded: dict | None, in_channels: int) -> 
     A file that records no codec (official weights, older toolkit files) is read by its input channels:
     4 are SD-VAE latents ("ema", as DiT's sample.py), 16 KL-16 latents (MAR), 3 pixels.
     Raises:
-        ValueError: no flag, no record, and an input width that names no codec.
+        UserError: no flag, no record, and an input width that names no codec.
     """
     if flag not in (None, "auto"):
         return flag, "--vae"
@@ -152,5 +154,5 @@ def resolve_codec(flag: str | None, recorded: dict | None, in_channels: int) -> 
         return "ema", "4 input channels: SD-VAE latents, as DiT (the checkpoint records no codec)"
     if in_channels == 16:
         return "kl16", "16 input channels: KL-16 latents, as MAR (the checkpoint records no codec)"
-    raise ValueError(f"the checkpoint records no codec and its {in_channels} input channels name none: pass --vae "
+    raise UserError(f"the checkpoint records no codec and its {in_channels} input channels name none: pass --vae "
                      "(a VAE folder or hub id, or none for pixels)")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tinyfusion.checkpoint import atomic_save, read_checkpoint
 
+from ..errors import UserError
 from .extractors import match_channels
 from .images import check_images
 
@@ -55,7 +56,7 @@ class SmallClassifier(nn.Module):
         super().__init__()
         if image_size < 4 or num_classes < 2 or in_channels not in (1, 3) or width < 1 \
                 or not 1 <= spatial_channels <= 2 * width:
-            raise ValueError(f"SmallClassifier needs image_size >= 4, num_classes >= 2, in_channels 1 or 3, and "
+            raise UserError(f"SmallClassifier needs image_size >= 4, num_classes >= 2, in_channels 1 or 3, and "
                              f"1 <= spatial_channels <= 2 * width; got image_size={image_size}, num_classes="
                              f"{num_classes}, in_channels={in_channels}, width={width}, "
                              f"spatial_channels={spatial_channels}")
@@ -76,7 +77,7 @@ class SmallClassifier(nn.Module):
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = self.config["image_size"]
         if images.shape[-2:] != (size, size):
-            raise ValueError(f"this {self.arch} takes {size} x {size} images, got {images.shape[-2]} x "
+            raise UserError(f"this {self.arch} takes {size} x {size} images, got {images.shape[-2]} x "
                              f"{images.shape[-1]}: resize the images to the size it was trained on")
         x = match_channels(images, self.in_channels).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1]
         spatial = self.spatial_block(self.stem(x))  # (N, 2w, g, g), g <= 8
@@ -115,7 +116,7 @@ def save_feature_extractor(path: str | os.PathLike, model: nn.Module, *, name: s
     """
     arch = getattr(model, "arch", None)
     if arch not in FEATURE_EXTRACTORS:
-        raise ValueError(f"cannot save a {type(model).__name__}: feature-extractor files hold one of "
+        raise UserError(f"cannot save a {type(model).__name__}: feature-extractor files hold one of "
                          f"{', '.join(FEATURE_EXTRACTORS)}")
     atomic_save({
         "format": FORMAT, "version": FORMAT_VERSION, "arch": arch, "config": dict(model.config),
@@ -130,19 +131,19 @@ def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
     Its `name` (the feature space) and `extra` come from the file.
     """
     if not Path(path).is_file():
-        raise ValueError(f"--feature-extractor {path} does not exist; write one with "
+        raise UserError(f"--feature-extractor {path} does not exist; write one with "
                          "tinyfusion.evaluation.save_feature_extractor(path, model)")
     record = read_checkpoint(path)
     if record.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a feature-extractor file: it does not record its architecture. Rebuild "
+        raise UserError(f"{path} is not a feature-extractor file: it does not record its architecture. Rebuild "
                          "the model and write it with tinyfusion.evaluation.save_feature_extractor(path, model)")
     if record["arch"] not in FEATURE_EXTRACTORS:
-        raise ValueError(f"{path} names the architecture {record['arch']!r}; known: {', '.join(FEATURE_EXTRACTORS)}")
+        raise UserError(f"{path} names the architecture {record['arch']!r}; known: {', '.join(FEATURE_EXTRACTORS)}")
     model = FEATURE_EXTRACTORS[record["arch"]](**record["config"])
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except RuntimeError as e:
-        raise ValueError(f"the weights in {path} do not fit {record['arch']}({record['config']}): "
+        raise UserError(f"the weights in {path} do not fit {record['arch']}({record['config']}): "
                          f"{str(e).strip().splitlines()[0]}") from None
     model.name = record["name"]
     model.extra = record.get("extra", {})
@@ -156,9 +157,9 @@ def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
 def _check_labelled(images: np.ndarray, labels: np.ndarray) -> None:
     check_images(images.dtype, images.shape, "images")
     if images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be square, got {images.shape[1]} x {images.shape[2]}")
+        raise UserError(f"images must be square, got {images.shape[1]} x {images.shape[2]}")
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError(f"labels must be {len(images)} non-negative integers (one per image), got "
+        raise UserError(f"labels must be {len(images)} non-negative integers (one per image), got "
                          f"{labels.dtype} {labels.shape}")
 
 
@@ -185,7 +186,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int = 10
     images, labels = np.asarray(images), np.asarray(labels)
     _check_labelled(images, labels)
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        raise UserError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

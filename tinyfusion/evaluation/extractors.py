@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UserError
 from .images import ImageSet
 
 FEATURE_KINDS = ("pool", "logits", "spatial")
@@ -41,7 +42,7 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         channels: 1 or 3.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"feature extractors take uint8 images (N, C, H, W), got {images.dtype} "
+        raise UserError(f"feature extractors take uint8 images (N, C, H, W), got {images.dtype} "
                          f"{tuple(images.shape)}")
     have = images.shape[1]
     if have == channels:
@@ -52,7 +53,7 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         weights = torch.tensor([299, 587, 114], dtype=torch.float32, device=images.device) / 1000
         luma = (images.float() * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # (N, 1, H, W)
         return luma.round().clamp(0, 255).to(torch.uint8)
-    raise ValueError(f"images have {have} channels, but the feature extractor takes {channels}")
+    raise UserError(f"images have {have} channels, but the feature extractor takes {channels}")
 
 
 @contextlib.contextmanager
@@ -82,9 +83,9 @@ def embed_images(images: ImageSet, extractor: FeatureExtractor, *, batch_size: i
         {"pool": (N, D), "logits": (N, K), "spatial": (N, S)} float32 arrays.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}")
     if images.num_images == 0:
-        raise ValueError(f"{images.name} holds no images to extract features from")
+        raise UserError(f"{images.name} holds no images to extract features from")
     device = torch.device(device)
     extractor.to(device)
     out = {kind: [] for kind in FEATURE_KINDS}
@@ -97,7 +98,7 @@ def embed_images(images: ImageSet, extractor: FeatureExtractor, *, batch_size: i
             for kind in FEATURE_KINDS:
                 value = features.get(kind) if isinstance(features, dict) else None
                 if value is None or value.ndim != 2 or value.shape[0] != len(batch):
-                    raise ValueError(f"the feature extractor {extractor.name!r} must return {{'pool', 'logits', "
+                    raise UserError(f"the feature extractor {extractor.name!r} must return {{'pool', 'logits', "
                                      f"'spatial'}}, each a ({len(batch)}, dim) tensor for {len(batch)} images; "
                                      f"{kind!r} is {None if value is None else tuple(value.shape)}")
                 out[kind].append(value.float().cpu().numpy())

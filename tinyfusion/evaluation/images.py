@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import UserError
 from ..images import IMAGE_EXTENSIONS, load_image
 from .metrics import FIDStatistics
 
@@ -44,7 +45,7 @@ class ImageSet:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Yields uint8 arrays of shape (n, H, W, C), n <= batch_size, in order (overridden by the
         sources that hold images; a set of statistics alone has none to give)."""
-        raise ValueError(f"{self.name} holds precomputed statistics but no images; the metrics that need "
+        raise UserError(f"{self.name} holds precomputed statistics but no images; the metrics that need "
                          "images (precision, recall, IS of samples) need a file or folder with them")
 
     def __len__(self) -> int:
@@ -54,7 +55,7 @@ class ImageSet:
 def check_images(dtype: np.dtype, shape: tuple[int, ...], name: str) -> None:
     """Raises a ValueError saying what is expected unless (dtype, shape) is uint8, N x H x W x 3 (or x 1), N > 0."""
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
-        raise ValueError(f"{name}: expected {_EXPECTED}; got dtype {dtype} and shape {tuple(shape)}. "
+        raise UserError(f"{name}: expected {_EXPECTED}; got dtype {dtype} and shape {tuple(shape)}. "
                          "Convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), and "
                          "NCHW arrays with x.transpose(0, 2, 3, 1)")
 
@@ -88,7 +89,7 @@ def split_halves(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndar
         seed: seed of the random permutation.
     """
     if len(images) < 2:
-        raise ValueError(f"splitting into halves needs at least 2 images, got {len(images)}")
+        raise UserError(f"splitting into halves needs at least 2 images, got {len(images)}")
     order = np.random.default_rng(seed).permutation(len(images))
     half = len(images) // 2
     return images[np.sort(order[:half])], images[np.sort(order[half:2 * half])]
@@ -105,17 +106,17 @@ class NpzImages(ImageSet):
         path = Path(path)
         name = str(path)
         if not path.is_file():
-            raise ValueError(f"{name} does not exist; pass an .npz file with {_EXPECTED}, or a folder of images")
+            raise UserError(f"{name} does not exist; pass an .npz file with {_EXPECTED}, or a folder of images")
         try:
             with zipfile.ZipFile(path) as archive:
                 keys = sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
                 header = _npy_header(archive, "arr_0.npy", name) if "arr_0" in keys else None
         except zipfile.BadZipFile:
-            raise ValueError(f"{name} is not an .npz file (not a zip archive); expected {_EXPECTED}") from None
+            raise UserError(f"{name} is not an .npz file (not a zip archive); expected {_EXPECTED}") from None
         stats = _read_stats(path, keys)
         if header is None:
             if not stats:
-                raise ValueError(f"{name} has no arr_0 (its keys: {keys}); expected {_EXPECTED}, or precomputed "
+                raise UserError(f"{name} has no arr_0 (its keys: {keys}); expected {_EXPECTED}, or precomputed "
                                  "statistics mu and sigma (and mu_s, sigma_s)")
             super().__init__(name, 0, None, stats)
         else:
@@ -150,7 +151,7 @@ def _read_npy_preamble(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
         return np.lib.format.read_array_header_1_0(stream)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(stream)
-    raise ValueError(f"unsupported .npy format version {version}; re-save the file with np.savez")
+    raise UserError(f"unsupported .npy format version {version}; re-save the file with np.savez")
 
 
 def _npy_header(archive: zipfile.ZipFile, member: str, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -158,7 +159,7 @@ def _npy_header(archive: zipfile.ZipFile, member: str, name: str) -> tuple[tuple
         try:
             return _read_npy_preamble(stream)
         except ValueError as e:
-            raise ValueError(f"{name}: cannot read {member}: {e}") from None
+            raise UserError(f"{name}: cannot read {member}: {e}") from None
 
 
 def _read_exactly(stream, size: int, name: str) -> bytes:
@@ -166,7 +167,7 @@ def _read_exactly(stream, size: int, name: str) -> bytes:
     while remaining:
         chunk = stream.read(remaining)
         if not chunk:
-            raise ValueError(f"{name}: arr_0 ends early (the file is truncated); write it again")
+            raise UserError(f"{name}: arr_0 ends early (the file is truncated); write it again")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
@@ -180,12 +181,12 @@ def _read_stats(path: Path, keys: list[str]) -> dict[str, FIDStatistics]:
             continue
         if len(present) == 1:
             missing = sigma_key if present[0] == mu_key else mu_key
-            raise ValueError(f"{path} has {present[0]} but no {missing}: precomputed statistics need both")
+            raise UserError(f"{path} has {present[0]} but no {missing}: precomputed statistics need both")
         with np.load(path, allow_pickle=False) as data:
             mu, sigma = data[mu_key], data[sigma_key]
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not np.issubdtype(mu.dtype, np.floating) \
                 or not np.issubdtype(sigma.dtype, np.floating):
-            raise ValueError(f"{path}: {mu_key} must be a float vector (D,) and {sigma_key} a float (D, D) matrix; "
+            raise UserError(f"{path}: {mu_key} must be a float vector (D,) and {sigma_key} a float (D, D) matrix; "
                              f"got {mu_key} {mu.dtype} {mu.shape} and {sigma_key} {sigma.dtype} {sigma.shape}")
         stats[kind] = FIDStatistics(mu, sigma)
     return stats
@@ -203,7 +204,7 @@ class FolderImages(ImageSet):
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise ValueError(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
+            raise UserError(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
         width, height = load_image(files[0]).size
         super().__init__(str(path), len(files), (height, width, 3))
         self.files = files
@@ -215,7 +216,7 @@ class FolderImages(ImageSet):
             for file in self.files[start:start + batch_size]:
                 image = load_image(file)
                 if image.size != (width, height):
-                    raise ValueError(f"{file} is {image.size[0]}x{image.size[1]}, but {self.files[0]} is "
+                    raise UserError(f"{file} is {image.size[0]}x{image.size[1]}, but {self.files[0]} is "
                                      f"{width}x{height}: the images of a folder must all have one size")
                 batch.append(np.asarray(image))
             yield np.stack(batch)
@@ -236,7 +237,7 @@ def open_images(source: str | os.PathLike | np.ndarray | ImageSet, name: str | N
     if path.is_dir():
         return FolderImages(path)
     if path.suffix != ".npz" and path.exists():
-        raise ValueError(f"{path} is neither an .npz file nor a folder of images")
+        raise UserError(f"{path} is neither an .npz file nor a folder of images")
     return NpzImages(path)
 
 

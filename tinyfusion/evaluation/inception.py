@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from tinyfusion.checkpoint import read_checkpoint, select_state_dict
 
+from ..errors import UserError
 from .extractors import match_channels
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -49,25 +50,25 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, *, download
         path: an explicit weights file.
         download: allow the download (from INCEPTION_URL, checked against its SHA-256 prefix).
     Raises:
-        ValueError: the file is missing and cannot be downloaded; the message says where to put it.
+        UserError: the file is missing and cannot be downloaded; the message says where to put it.
     """
     where = (f"Download {INCEPTION_URL} and pass it with --inception-weights PATH, or place it at "
              f"{default_inception_path()}")
     if path is not None:
         if not Path(path).is_file():
-            raise ValueError(f"--inception-weights {path} does not exist. {where}")
+            raise UserError(f"--inception-weights {path} does not exist. {where}")
         return Path(path)
     cached = default_inception_path()
     if cached.is_file():
         return cached
     if not download:
-        raise ValueError(f"the InceptionV3 weights are not in the cache and downloading is off. {where}")
+        raise UserError(f"the InceptionV3 weights are not in the cache and downloading is off. {where}")
     cached.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading the InceptionV3 weights to {cached}", file=sys.stderr)
     try:
         torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_SHA256_PREFIX)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"cannot download the InceptionV3 weights ({e}). {where}") from None
+        raise UserError(f"cannot download the InceptionV3 weights ({e}). {where}") from None
     return cached
 
 
@@ -77,7 +78,7 @@ class InceptionV3Features(nn.Module):
     Args:
         state_dict: the weights of torch-fidelity's FeatureExtractorInceptionV3.
     Raises:
-        ValueError: weights that do not fit the architecture.
+        UserError: weights that do not fit the architecture.
     """
 
     name = "inception-v3"
@@ -101,7 +102,7 @@ class InceptionV3Features(nn.Module):
             # torch lists every missing key: keep the start of each of the first lines.
             lines = [line.strip() if len(line) < 240 else f"{line.strip()[:240]} ..." for line in
                      str(e).strip().splitlines()[:6]]
-            raise ValueError("the weights do not fit torch-fidelity's InceptionV3 (expected "
+            raise UserError("the weights do not fit torch-fidelity's InceptionV3 (expected "
                              f"{INCEPTION_FILENAME}, from {INCEPTION_URL}):\n  " + "\n  ".join(lines)) from None
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)

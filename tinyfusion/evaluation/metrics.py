@@ -13,6 +13,8 @@ import torch
 from scipy import linalg
 from scipy.special import rel_entr
 
+from ..errors import UserError
+
 # ADM's defaults: Inception Score over splits of 5000 predictions (as improved-gan's inception_score
 # did), precision/recall with the 3rd nearest neighbour (Kynkaanniemi et al. 2019, k = 3) and
 # distances computed in blocks of 10000 x 10000 rows.
@@ -45,7 +47,7 @@ class FIDStatistics:
         self.sigma = np.atleast_2d(np.asarray(self.sigma, dtype=np.float64))
         dim = self.mu.shape[0]
         if self.mu.ndim != 1 or self.sigma.shape != (dim, dim):
-            raise ValueError(f"FID statistics need mu of shape (D,) and sigma of shape (D, D); got mu "
+            raise UserError(f"FID statistics need mu of shape (D,) and sigma of shape (D, D); got mu "
                              f"{self.mu.shape} and sigma {self.sigma.shape}")
 
     @property
@@ -64,7 +66,7 @@ def fid_statistics(features: np.ndarray) -> FIDStatistics:
     """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"FID statistics need an (N, D) feature array with N >= 2, got shape {features.shape}")
+        raise UserError(f"FID statistics need an (N, D) feature array with N >= 2, got shape {features.shape}")
     return FIDStatistics(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
@@ -94,14 +96,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         eps: the offset of the retry.
         method: "sqrtm" (ADM) or "eigvals".
     Raises:
-        ValueError: shapes that differ, or a significant imaginary component.
+        UserError: shapes that differ, or a significant imaginary component.
     """
     if method not in FID_METHODS:
-        raise ValueError(f"method must be one of {', '.join(FID_METHODS)}, got {method!r}")
+        raise UserError(f"method must be one of {', '.join(FID_METHODS)}, got {method!r}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"the two sets of statistics have different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+        raise UserError(f"the two sets of statistics have different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}; were they made by the same feature extractor?")
     diff = mu1 - mu2
     covmean = _sqrt_product(sigma1, sigma2, method)
@@ -112,7 +114,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         diagonal = np.diagonal(covmean) if covmean.ndim == 2 else covmean
         imag = np.abs(diagonal.imag).max()
         if imag > FID_IMAG_ATOL:
-            raise ValueError(f"the Frechet distance has an imaginary component of {imag:.3g} (tolerance "
+            raise UserError(f"the Frechet distance has an imaginary component of {imag:.3g} (tolerance "
                              f"{FID_IMAG_ATOL}): a covariance is not positive semi-definite")
         covmean = covmean.real
     trace = np.trace(covmean) if covmean.ndim == 2 else covmean.sum()
@@ -142,9 +144,9 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
     """
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] == 0:
-        raise ValueError(f"the Inception Score needs an (N, K) array of class probabilities, got shape {probs.shape}")
+        raise UserError(f"the Inception Score needs an (N, K) array of class probabilities, got shape {probs.shape}")
     if split_size < 1:
-        raise ValueError(f"split_size must be positive, got {split_size}")
+        raise UserError(f"split_size must be positive, got {split_size}")
     scores = []
     for start in range(0, len(probs), split_size):
         part = probs[start:start + split_size]
@@ -180,7 +182,7 @@ def manifold_radii(features: np.ndarray | torch.Tensor, k: int = PR_NEIGHBOURHOO
     """
     features = torch.as_tensor(features, dtype=torch.float32, device=device)
     if features.ndim != 2 or features.shape[0] <= k:
-        raise ValueError(f"the k-NN radii with k={k} need an (N, D) feature array with N > {k}, got shape "
+        raise UserError(f"the k-NN radii with k={k} need an (N, D) feature array with N > {k}, got shape "
                          f"{tuple(features.shape)}; precision and recall need at least {k + 1} images per set")
     radii = []
     for start in range(0, len(features), batch_size):
@@ -213,7 +215,7 @@ def precision_recall(ref_features: np.ndarray | torch.Tensor, sample_features: n
     ref = torch.as_tensor(ref_features, dtype=torch.float32, device=device)
     sample = torch.as_tensor(sample_features, dtype=torch.float32, device=device)
     if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
-        raise ValueError(f"precision and recall need two (N, D) feature arrays of the same D, got shapes "
+        raise UserError(f"precision and recall need two (N, D) feature arrays of the same D, got shapes "
                          f"{tuple(ref.shape)} and {tuple(sample.shape)}")
     ref_radii = manifold_radii(ref, k, batch_size, device)
     sample_radii = manifold_radii(sample, k, batch_size, device)

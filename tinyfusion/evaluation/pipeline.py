@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..fileio import atomic_write_json
 from .classifier import load_feature_extractor
 from .extractors import FeatureExtractor, embed_images
@@ -37,9 +38,9 @@ METRICS = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" (CUDA when a GPU is visible), "cuda" or "cpu" as a torch.device."""
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise UserError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -54,7 +55,7 @@ def load_extractor(feature_extractor: str | os.PathLike | None = None,
     """
     if feature_extractor is not None:
         if inception_weights is not None:
-            raise ValueError("give either --feature-extractor or --inception-weights, not both")
+            raise UserError("give either --feature-extractor or --inception-weights, not both")
         return load_feature_extractor(feature_extractor)
     return load_inception(inception_weights, download=download)
 
@@ -122,12 +123,12 @@ def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
         one result dict (see `evaluate`) per sample set, in order.
     """
     if fid_method not in FID_METHODS:
-        raise ValueError(f"fid_method must be one of {', '.join(FID_METHODS)}, got {fid_method!r}")
+        raise UserError(f"fid_method must be one of {', '.join(FID_METHODS)}, got {fid_method!r}")
     ref_set = open_images(ref, "reference")
     sample_sets = [open_images(sample, "sample") for sample in samples]
     for sample_set in sample_sets:
         if sample_set.num_images == 0:
-            raise ValueError(f"{sample_set.name} holds no images (arr_0): the sample set needs them")
+            raise UserError(f"{sample_set.name} holds no images (arr_0): the sample set needs them")
     ref_notes: list[str] = []
 
     def ref_note(message: str) -> None:
@@ -137,7 +138,7 @@ def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
 
     ref_stats = _reference_statistics(ref_set, extractor, use_ref_stats, ref_note)
     if ref_set.num_images == 0 and not ref_stats:
-        raise ValueError(f"{ref_set.name} holds no images (arr_0), and its precomputed statistics cannot be used "
+        raise UserError(f"{ref_set.name} holds no images (arr_0), and its precomputed statistics cannot be used "
                          f"with {extractor.name} features (see the note above): give a reference with images")
     ref_features = (embed_images(ref_set, extractor, batch_size=batch_size, device=device, progress=progress)
                     if ref_set.num_images else None)
@@ -169,7 +170,7 @@ def evaluate_many(ref: str | os.PathLike | np.ndarray | ImageSet,
                 continue
             reference, statistics[kind] = references[kind]
             if reference.dim != sample_features[kind].shape[1]:
-                raise ValueError(f"the {statistics[kind]} {kind} statistics of {ref_set.name} have {reference.dim} "
+                raise UserError(f"the {statistics[kind]} {kind} statistics of {ref_set.name} have {reference.dim} "
                                  f"dimensions, but the {extractor.name} {kind} features have "
                                  f"{sample_features[kind].shape[1]}")
             metrics[metric] = reference.frechet_distance(fid_statistics(sample_features[kind]), method=fid_method)

@@ -1,0 +1,26 @@
+"""The toolkit's two kinds of expected failure, apart from bugs.
+
+`UserError` is a bad input: a path, a flag value, a checkpoint that does not fit, bad data. It is raised
+where an input is checked, with a message that names the input and the fix, and a script prints it as one
+line (exit status 2). `RunFailed` is a run that cannot go on for a reason the user must act on (diverged,
+a run folder in use, a disk that filled up); one line, exit status 1. Every other exception, a
+`ValueError` of an internal invariant included, is a bug: the script keeps its traceback.
+
+This module imports nothing, so every layer (models/, processes/, the library) may raise its classes.
+`UserError` subclasses `ValueError` so that callers of the library that catch `ValueError` keep working.
+"""
+
+
+class UserError(ValueError):
+    """A bad input; the message names the input and the fix."""
+
+    status = 2
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot go on for a reason the user must act on (its message says what to do)."""
+
+    status = 1
+
+
+__all__ = ["RunFailed", "UserError"]
