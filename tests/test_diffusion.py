@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_dit
+from helpers.tolerance import LOOP_REL, assert_fp32_close
 
 from diffusion import create_diffusion, space_timesteps
 from diffusion.gaussian_diffusion import get_named_beta_schedule
@@ -70,7 +71,7 @@ def test_per_sample_generators_make_samples_batch_independent(sampler):
 
     together = run([11, 12, 13], [1, 2, 3])
     alone = run([12], [2])
-    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=0)
+    assert_fp32_close(alone, together[1:2], rel=LOOP_REL)  # 5 steps, each batched differently
     assert not torch.allclose(together[0], together[2])
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import tiny_dit, write_features
+from helpers.tolerance import LOOP_REL, assert_fp32_close
 
 from models import (
     ARCHITECTURES,
@@ -30,6 +31,7 @@ from processes.base import _PROCESSES
 from tinyfusion.checkpoint import load_model, save_model
 from tinyfusion.distributed import init_distributed
 from tinyfusion.engine import TrainConfig, Trainer
+from tinyfusion.errors import UserError
 from tinyfusion.features import FeatureDataset
 from tinyfusion.lora import add_lora, has_lora, strip_lora
 from tinyfusion.pruning import save_pruned
@@ -88,7 +90,7 @@ class TwoTower(nn.Module):
 
     @classmethod
     def config_from_state_dict(cls, state_dict: dict, num_heads=None) -> dict:
-        raise ValueError("a TwoTower is read from self-describing files only")
+        raise UserError("a TwoTower is read from self-describing files only")
 
     def forward(self, x, t, y, force_drop_ids=None):
         n, ch, h, w = x.shape
@@ -225,7 +227,7 @@ def test_a_new_family_runs_through_the_library(toy_family, tmp_path):
     batch = sample_latents(trainable, process, torch.tensor([0, 2]), [5, 6], spec)
     alone = sample_latents(trainable, process, torch.tensor([2]), [6], spec)
     assert batch.shape == (2, 1, 4, 4)
-    torch.testing.assert_close(alone[0], batch[1], atol=1e-6, rtol=1e-6)
+    assert_fp32_close(alone[0], batch[1], rel=LOOP_REL)  # 8 steps, each batched differently
     assert batch[1].mean() > batch[0].mean()  # class 2 sits at +1, class 0 at -1
 
 

@@ -17,12 +17,12 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 import torch
+from helpers.tolerance import KERNEL_REL, assert_fp32_close
 
 from diffusion import gaussian_diffusion as gd
 from models.mar import MAR, MAR_CFG_SCALES, MAR_models, mask_by_order
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "mar_tiny"
-ATOL = 1e-5  # float32 rounding of the official code is at most ~4e-6 on these keys (README)
 EXACT = dict(atol=0, rtol=0)
 
 
@@ -42,14 +42,15 @@ def model(ref):
     return model.eval()
 
 
-def _close(actual, expected, atol=ATOL):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+def _close(actual, expected):
+    """Float32 kernel rounding, relative to the tensor's largest magnitude (helpers/tolerance.py)."""
+    assert_fp32_close(actual, expected)
 
 
 def _close_scaled(actual, expected):
-    """After the t = 999 step values reach ~1e5 on random weights; float32 rounding is then
-    relative to the tensor's scale (README: atol 1e-5 max|expected|, rtol 1e-4)."""
-    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    """After the t = 999 step values reach ~1e5 on random weights: the same rounding relative to the
+    tensor's scale, and per element (the README's rtol 1e-4) where a small value came from a large one."""
+    torch.testing.assert_close(actual, expected, atol=KERNEL_REL * expected.abs().max().item(), rtol=1e-4)
 
 
 @contextmanager
@@ -137,7 +138,7 @@ def test_denoiser_mlp(ref, model):
     e, dl = ref["e"], model.diffloss
     target = _rows(e, "patchify")
     x_t = dl.train_diffusion.q_sample(target, e["diffloss_t"], e["diffloss_noise"])
-    _close(x_t, e["diffloss_x_t"], atol=1e-6)
+    _close(x_t, e["diffloss_x_t"])
     with torch.no_grad():
         _close(dl.net.time_embed(e["diffloss_t"]), e["diffloss_time_embed"])
         _close(dl.net(e["diffloss_x_t"], e["diffloss_t"], _rows(e)), e["diffloss_net_out"])
@@ -156,7 +157,7 @@ def test_training_losses(ref, model):
         masked = dl(target, z, e["mask"].reshape(-1), t=e["diffloss_t"], noise=e["diffloss_noise"])
     _close(terms["mse"], e["diffloss_mse"])
     for key in ("vb", "loss"):  # several hundred bits at t = 999 (untrained variance head)
-        torch.testing.assert_close(terms[key], e[f"diffloss_{key}"], atol=1e-5, rtol=1e-5)
+        _close(terms[key], e[f"diffloss_{key}"])
     _close(masked, e["diffloss_masked_loss"])
 
 
@@ -328,7 +329,7 @@ def test_sampling_is_a_function_of_per_image_seeds(tiny, cfg):
     alone = sample([11], [3])
     # Other batch sizes round differently (float32), and the t = 999 step amplifies rounding ~2e4 times
     # (values reach ~1e5 on random weights), so the tolerance is relative to the scale.
-    torch.testing.assert_close(alone[0], batch[1], atol=1e-6 * batch.abs().max().item(), rtol=1e-5)
+    assert_fp32_close(alone[0], batch[1])
     torch.testing.assert_close(sample([10, 11, 12], [0, 3, 4]), batch, **EXACT)
     assert not torch.allclose(sample([13], [3])[0], batch[1])
 
@@ -342,23 +343,46 @@ def test_orders_from_generators(tiny):
         tiny.sample_tokens(3, num_iter=2, generators=gens)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_step_draws_internally(tiny, checkpointing):
+def test_training_step_draws_internally(ref, tiny):
     """Training mode (label drop, numpy orders, truncated-normal ratio, torch draws) runs, and gradient
-    checkpointing changes nothing for the same draws."""
+    checkpointing changes nothing for the same draws; with the official draws a checkpointed forward is
+    the official loss."""
+    def count_block_calls(model):  # encoder, decoder and DiffLoss MLP blocks; checkpointing runs each twice
+        calls = [0]
+        for block in [*model.encoder_blocks, *model.decoder_blocks, *model.diffloss.net.res_blocks]:
+            block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return calls
+
     def step(grad_checkpointing):
         model = MAR(**TINY, grad_checkpointing=grad_checkpointing)
         model.load_state_dict(tiny.state_dict())
         model.train()
+        calls = count_block_calls(model)
         np.random.seed(0)
         torch.manual_seed(0)
         loss = model(torch.randn(2, 16, 4, 4), torch.tensor([1, 4]))
         loss.backward()
-        return loss, {k: p.grad for k, p in model.named_parameters()}
+        return loss, {k: p.grad for k, p in model.named_parameters()}, calls[0]
 
-    loss, grads = step(checkpointing)
-    assert torch.isfinite(loss)
-    ref_loss, ref_grads = step(False)
-    torch.testing.assert_close(loss, ref_loss, **EXACT)
+    plain_loss, plain_grads, plain_calls = step(False)
+    loss, grads, calls = step(True)
+    assert torch.isfinite(plain_loss)
+    assert plain_calls == 1 + 1 + 1 and calls == 2 * plain_calls  # each block recomputed in the backward pass
+    torch.testing.assert_close(loss, plain_loss, **EXACT)
+    assert grads.keys() == plain_grads.keys()
+    assert [k for k, g in grads.items() if g is None] == [k for k, g in plain_grads.items() if g is None]
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], atol=1e-6, rtol=1e-5, msg=key)
+        if grad is not None:
+            torch.testing.assert_close(grad, plain_grads[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    # the reference model, checkpointed, with the official forward's draws (test_forward_loss runs it plainly)
+    e, config = ref["e"], ref["config"]
+    official = MAR(**{**config["model_config"], "grad_checkpointing": True}, norm_eps=config["norm_eps"])
+    official.load_state_dict(torch.load(REFERENCE / "mar_tiny.pt", weights_only=True), strict=True)
+    official.eval()
+    calls = count_block_calls(official)
+    loss = official(e["imgs"], e["labels"], orders=e["forward_orders"], mask=e["forward_mask"],
+                    diffusion_t=e["forward_t"], diffusion_noise=e["forward_noise"])
+    loss.backward()
+    assert calls[0] == 2 * (2 + 2 + 2)  # 2 encoder, 2 decoder and 2 MLP blocks, each run twice
+    _close(loss.detach(), e["forward_loss"])
