@@ -26,10 +26,11 @@ from tinyfusion.evaluation import (
     format_results,
     load_extractor,
     open_images,
-    resolve_device,
     write_results,
 )
+from tinyfusion.options import RuntimeOptions
 from tinyfusion.paths import check_outputs
+from tinyfusion.runtime import bootstrap
 
 
 def parse_args(argv=None):
@@ -64,10 +65,11 @@ def main(args):
     check_outputs({"--out": args.out}, inputs)
     # Every input is opened and checked before the feature network is loaded (or downloaded).
     ref, samples = open_images(args.ref_batch), [open_images(path) for path in args.sample_batches]
-    device = resolve_device(args.device)
-    extractor = load_extractor(args.feature_extractor, args.inception_weights, download=args.download)
-    results = evaluate_many(ref, samples, extractor, batch_size=args.batch_size,
-                            device=device, use_ref_stats=args.ref_stats, fid_method=args.fid_method, log=print)
+    # tf32=False: bootstrap leaves TF32 alone (the feature extractors turn it off while they run)
+    with bootstrap(RuntimeOptions(device=args.device, precision="fp32", tf32=False)) as rt:
+        extractor = load_extractor(args.feature_extractor, args.inception_weights, download=args.download)
+        results = evaluate_many(ref, samples, extractor, batch_size=args.batch_size, device=rt.env.device,
+                                use_ref_stats=args.ref_stats, fid_method=args.fid_method, log=print)
     for result in results:
         print(format_results(result))
     if args.out is not None:

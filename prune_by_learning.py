@@ -35,6 +35,10 @@ def parse_args(argv=None):
     group.add_argument("--scaling-range", type=float, nargs=2, default=[1e2, 1e2], metavar=("START", "END"),
                        help="gate logit scaling, annealed linearly per step")
     group.add_argument("--gate-lr-mult", type=float, default=10.0, help="gate learning rate = --lr times this")
+    group.add_argument("--stop-at-confidence", type=float, default=None, metavar="C",
+                       help="end before the last step once every group's EMA confidence is at least C and the raw "
+                            "gates keep the same blocks (checked at each log step); the steps then cap the run. "
+                            "Unset: every step runs")
     group = parser.add_argument_group("weight updates")
     group.add_argument("--delta-w", action="store_true",
                        help="train weight updates jointly with the gates (simulating the fine-tuning to come)")

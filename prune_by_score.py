@@ -7,8 +7,8 @@ Usage:
 
 bi: 1 - cosine similarity of each block's input and output tokens (ShortGPT), averaged over
 calibration batches at random timesteps; loss: the increase of the diffusion loss when the block
-alone is removed; random: seeded. The least important blocks are pruned; --keep-first and
---keep-last protect blocks explicitly. Scores are printed as a table and saved as JSON.
+alone is removed; random: seeded. The least important blocks are pruned; --protect-first and
+--protect-last protect blocks explicitly. Scores are printed as a table and saved as JSON.
 """
 
 from tinyfusion.args import Parser, add_model_args, add_runtime_args, positive_int, to_options

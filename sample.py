@@ -1,10 +1,12 @@
-r"""Sample a PNG grid of images from a DiT or SiT: official weights, a pruned TinyFusion model or a toolkit file.
+r"""Sample a PNG grid of images from a DiT, SiT or MAR: official weights, a pruned TinyFusion model or a toolkit
+file.
 
 Usage:
     python sample.py --ckpt outputs/pruned/DiT-D14-Learned.pt --seed 5464
     python sample.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt --class-labels 88 279 --cfg-scale 1.5 \
         --sampler dpm++ --num-sampling-steps 20 --out grid.png
     python sample.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256.pt --sampler ode --sampling-method dopri5
+    python sample.py --ckpt outputs/TinyMAR-D16-KD.pt --num-iter 64
 
 Image i of the grid starts from the noise of seed (--seed, i) (the same noise sample_ddp.py gives image
 i of a run with --global-seed equal to --seed). The image size follows from the checkpoint and the VAE.

@@ -1,8 +1,9 @@
-r"""Sample an FID set from a DiT on every GPU (or CPU process) into an ADM-format .npz.
+r"""Sample an FID set from a DiT, SiT or MAR on every GPU (or CPU process) into an ADM-format .npz.
 
 Usage:
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt outputs/pruned/DiT-D14-Learned.pt \
         --num-fid-samples 50000 --cfg-scale 1.5
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt outputs/TinyMAR-D16-KD.pt --num-iter 64 --num-fid-samples 50000
 
 Image i has its own noise seed and class label, both derived from (--global-seed, i), so the .npz is
 byte-identical for any number of processes (at the same --per-proc-batch-size). Batches are written

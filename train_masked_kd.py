@@ -25,6 +25,10 @@ def parse_args(argv=None):
                        help="registry name of the teacher; optional, checked against --load-teacher")
     group.add_argument("--load-teacher", type=str, required=True, help="the teacher checkpoint")
     group.add_argument("--teacher-weights", choices=["ema", "model"], default="ema")
+    group.add_argument("--teacher-num-heads", type=int, default=None,
+                       help="the teacher's head count, for a bare teacher state dict of a non-official width "
+                            "(--num-heads is the student's); default: from the teacher's file, --teacher or the "
+                            "official sizes")
     group.add_argument("--alpha-kd", type=float, default=0.9, help="weight of KD against the ground-truth loss")
     group.add_argument("--beta-feat", type=float, default=1e-2,
                        help="initial weight of the masked feature loss, decayed linearly to 0; 0 = output KD only")

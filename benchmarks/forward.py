@@ -3,7 +3,7 @@ r"""Forward latency, throughput and peak memory of registry models or checkpoint
 Usage (from the repository root):
     python -m benchmarks.forward --models DiT-XL/2 DiT-D19/2 DiT-D14/2 DiT-D7/2 --batch-sizes 8 \
         --precisions fp32 bf16 --out results/bench_forward.json
-    python -m benchmarks.forward --models outputs/pruned/DiT-D14-Learned.pt --sampling-steps 50 --cfg-scale 1.5
+    python -m benchmarks.forward --models outputs/pruned/DiT-D14-Learned.pt --num-sampling-steps 50 --cfg-scale 1.5
 
 Registry models get random weights (speed does not depend on them). The first model is the
 baseline of the speedup columns; "ideal" is its FLOPs over the model's. With --compare-diffusers,
@@ -11,7 +11,9 @@ diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2
 """
 
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
-from tinyfusion.args import Parser
+from processes import all_samplers
+from tinyfusion.args import Parser, nonnegative_int
+from tinyfusion.cli import run_script
 from tinyfusion.precision import PRECISIONS
 
 
@@ -22,10 +24,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--precisions", choices=PRECISIONS, nargs="+", default=["fp32"])
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
-    parser.add_argument("--sampling-steps", type=int, default=0,
-                        help="also time the whole sampling loop with this many steps (0: skip)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
-                        help="Gaussian sampler of DiTs; other families use their process's default (MAR: mar)")
+    parser.add_argument("--num-sampling-steps", type=nonnegative_int, default=0,
+                        help="also time the whole sampling loop with this many steps of the sampler (0: skip)")
+    parser.add_argument("--sampler", choices=all_samplers(), default=None,
+                        help="a sampler of every model's noise process (the process a checkpoint records; a "
+                             "registry model's: its family's default); None: each process's first (e.g. DiT: ddpm)")
     parser.add_argument("--num-iter", type=int, default=64, help="MAR: iterations of its masked sampling")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--compare-diffusers", action="store_true",
@@ -39,4 +42,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ARCHITECTURES, GatedModel, build_architecture, create_model, prune_depth, total_depth, unwrap
+from models import GatedModel, build_architecture, create_model, prune_depth, total_depth, unwrap
 from processes import NoiseProcess, create_process
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
@@ -37,6 +37,7 @@ from tinyfusion.features import FeatureDataset, write_index, write_shard
 from tinyfusion.fileio import atomic_write_json
 from tinyfusion.kd import MaskedKDTask
 from tinyfusion.lora import add_lora, trainable_fraction
+from tinyfusion.paths import check_outputs
 from tinyfusion.precision import autocast
 from tinyfusion.pruning import LearnedPruningTask
 from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
@@ -118,35 +119,41 @@ def forward_flops(call: Callable[[], object]) -> int:
 
 @dataclasses.dataclass
 class BenchModel:
+    """A model to time: `process` is the record of its noise process (what a checkpoint stores; for a
+    registry model, its family's default process)."""
+
     name: str
     model: nn.Module
     arch: str
     config: dict
+    process: dict
+
+
+def default_process_record(model: nn.Module) -> dict:
+    """The record of the default noise process of a model's family (registry models record none)."""
+    inner = unwrap(model)
+    return create_process(type(inner).default_process(inner.config)).record()
 
 
 def bench_model(spec: str, input_size: int, device: torch.device, num_classes: int = 1000) -> BenchModel:
-    """A registry name (random weights: speed does not depend on them) or a checkpoint path."""
+    """A registry name (random weights: speed does not depend on them) or a checkpoint path (timed on the
+    noise process the file records)."""
     if Path(spec).is_file():
         loaded: LoadedModel = load_model(spec)
-        model, arch, config = loaded.model, loaded.arch, loaded.config
+        model, arch, config, process = loaded.model, loaded.arch, loaded.config, loaded.process
     else:
         model = create_model(spec, input_size=input_size, num_classes=num_classes)
         if isinstance(model, GatedModel):
             raise UserError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
-        arch, config = model.arch, dict(model.config)
-    return BenchModel(spec, model.to(device).eval(), arch, config)
-
-
-def process_of(config: dict, arch: str = "DiT") -> NoiseProcess:
-    """The default noise process of a model of family `arch` with this config."""
-    return create_process(ARCHITECTURES[arch].default_process(config))
+        arch, config, process = model.arch, dict(model.config), default_process_record(model)
+    return BenchModel(spec, model.to(device).eval(), arch, config, process)
 
 
 def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Callable[[], object]:
     """One forward of `bm` on a random batch of `batch_size` (see the module's docstring)."""
     g = torch.Generator().manual_seed(0)
     inner = unwrap(bm.model)
-    process = process_of(bm.config, bm.arch)
+    process = create_process(bm.process)
     x = torch.randn(batch_size, *inner.data_shape, generator=g).to(device)
     y = torch.randint(0, inner.num_classes, (batch_size,), generator=g).to(device)
     draws = {k: v.to(device) for k, v in process.draw(g, batch_size, inner.data_shape, torch.device("cpu")).items()}
@@ -200,23 +207,42 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
     return rows
 
 
-def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int, cfg_scale: float, sampler: str,
-                   precision: str, device: torch.device, repeats: int, log: logging.Logger,
+def sampling_plan(models: Sequence[BenchModel], num_steps: int, cfg_scale: float, sampler: str | None,
+                  precision: str, options: dict | None = None) -> list[tuple[NoiseProcess, SamplingSpec]]:
+    """Each model's process and sampling spec, checked before any timing.
+
+    `sampler` must be a sampler of every model's process (None: each process's first, e.g. DiT's ddpm,
+    MAR's mar); `options` are passed to the samplers that take them (MAR's `num_iter`).
+
+    Raises:
+        UserError: a sampler or step count that a model's process does not take.
+    """
+    plan = []
+    for bm in models:
+        process = create_process(bm.process)
+        if sampler is not None and sampler not in process.samplers:
+            raise UserError(f"--sampler {sampler}: {bm.name} is on the {process.name} process, whose samplers are "
+                            f"{', '.join(process.samplers)}; choose one of them, or leave out --sampler (each "
+                            "model's default)")
+        chosen = sampler or process.samplers[0]
+        given = {k: v for k, v in (options or {}).items() if k in process.sampler_options.get(chosen, {})}
+        plan.append((process, SamplingSpec.for_process(process, sampler=chosen, num_steps=num_steps, options=given,
+                                                       cfg_scale=cfg_scale, precision=precision)))
+    return plan
+
+
+def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int, cfg_scale: float,
+                   sampler: str | None, precision: str, device: torch.device, repeats: int, log: logging.Logger,
                    options: dict | None = None) -> list[dict]:
     """Images per second of the whole sampling loop (latents; the VAE decode is not included).
 
-    `sampler` is used where the model's process offers it, else the process's default sampler (MAR:
-    "mar", its `num_iter` from `options`); `num_steps` are the sampler's steps (MAR: the token sampler's).
+    Each model samples on the process it records (see `sampling_plan` for `sampler` and `options`);
+    `num_steps` are the sampler's steps (MAR: the token sampler's).
     """
     calls, specs = [], []
-    for bm in models:
+    for bm, (process, spec) in zip(models, sampling_plan(models, num_steps, cfg_scale, sampler, precision, options)):
         labels = torch.arange(batch_size, device=device) % unwrap(bm.model).num_classes
         seeds = image_seeds(0, range(batch_size))
-        process = process_of(bm.config, bm.arch)
-        chosen = sampler if sampler in process.samplers else process.samplers[0]
-        given = {k: v for k, v in (options or {}).items() if k in process.sampler_options.get(chosen, {})}
-        spec = SamplingSpec.for_process(process, sampler=chosen, num_steps=num_steps, options=given,
-                                        cfg_scale=cfg_scale, precision=precision)
         calls.append(lambda bm=bm, spec=spec, process=process, labels=labels, seeds=seeds: sample_latents(
             bm.model, process, labels, seeds, spec))
         specs.append(spec)
@@ -232,12 +258,13 @@ def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int
     return rows
 
 
-def _random_features(root: Path, config: dict, count: int) -> FeatureDataset:
+def _random_features(root: Path, model: nn.Module, count: int) -> FeatureDataset:
+    """`count` random inputs of the model's shape (`data_shape`) with random labels of its classes."""
     rng = np.random.default_rng(0)
-    size, channels = config["input_size"], config["in_channels"]
-    latents = rng.standard_normal((count, 1, channels, size, size)).astype(np.float32)
-    write_shard(root, 0, latents, rng.integers(0, config["num_classes"], count))
-    write_index(root, 1, num_classes=config["num_classes"], class_names=[], source={"random": True})
+    inner = unwrap(model)
+    latents = rng.standard_normal((count, 1, *inner.data_shape)).astype(np.float32)
+    write_shard(root, 0, latents, rng.integers(0, inner.num_classes, count))
+    write_index(root, 1, num_classes=inner.num_classes, class_names=[], source={"random": True})
     return FeatureDataset(root)
 
 
@@ -253,11 +280,11 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     Each task builds its own models and frees them before the next (DiT-XL/2 with its optimizer and
     EMA alone is ~14 GB in fp32).
     """
-    process = process_of(bm.config, bm.arch)
+    process = create_process(bm.process)
     results: dict = {"model": bm.name, "batch": batch_size, "precision": precision, "device": env.device.type}
     bm.model.to("cpu")  # the tasks build their own copies
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = _random_features(Path(tmp) / "features", bm.config, batch_size)
+        dataset = _random_features(Path(tmp) / "features", bm.model, batch_size)
         x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in range(batch_size))))
         bench = _TrainingBench(bm, dataset, process, x, y, precision, env, warmup, repeats, Path(tmp), log)
         rows = [bench.train(), bench.kd()]
@@ -364,14 +391,16 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], heade
 #                                  Entry points                                 #
 #################################################################################
 
-def _diffusers_dit(config: dict, device: torch.device) -> BenchModel:
-    """diffusers' port of the official DiT at a DiT configuration (same math, its own code)."""
+def _diffusers_dit(reference: nn.Module, device: torch.device) -> BenchModel:
+    """diffusers' port of the official DiT at the configuration of the DiT `reference` (same math, its own
+    code)."""
     from diffusers import DiTTransformer2DModel
 
+    config = dict(reference.config)
     heads = config["num_heads"]
     model = DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=config["hidden_size"] // heads, in_channels=config["in_channels"],
-        out_channels=config["in_channels"] * (2 if config["learn_sigma"] else 1), num_layers=config["depth"],
+        out_channels=config["in_channels"] * (2 if config["learn_sigma"] else 1), num_layers=total_depth(reference),
         sample_size=config["input_size"], patch_size=config["patch_size"], num_embeds_ada_norm=config["num_classes"])
 
     class Adapter(nn.Module):  # our call signature: model(x, t, y)
@@ -382,11 +411,12 @@ def _diffusers_dit(config: dict, device: torch.device) -> BenchModel:
         def forward(self, x, t, y):
             return self.inner(x, timestep=t, class_labels=y).sample
 
-    return BenchModel("diffusers DiT (XL/2 config)", Adapter().to(device).eval(), "DiT", config)
+    return BenchModel("diffusers DiT (XL/2 config)", Adapter().to(device).eval(), "DiT", config,
+                      default_process_record(reference))
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
-    """The options both benchmark scripts take: latent size, device, warm-up and timed calls, JSON output."""
+    """The options the timing benchmarks take: latent size, device, warm-up and timed calls, JSON output."""
     parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--warmup", type=int, default=1)
@@ -405,21 +435,26 @@ def _setup(args) -> tuple[DistEnv, logging.Logger]:
 
 def run_forward_benchmark(args) -> dict:
     """benchmarks/forward.py."""
+    check_outputs({"--out": args.out}, {f"--models (#{i + 1})": spec for i, spec in enumerate(args.models)
+                                        if Path(spec).is_file()})
     env, log = _setup(args)
     input_size = args.image_size // 8
     models = [bench_model(spec, input_size, env.device) for spec in args.models]
+    if args.num_sampling_steps:  # a sampler that does not fit a model fails now, not after the forward timings
+        sampling_plan(models, args.num_sampling_steps, args.cfg_scale, args.sampler, args.precisions[0],
+                      options={"num_iter": args.num_iter})
     if args.compare_diffusers:
-        models.append(_diffusers_dit(create_model("DiT-XL/2", input_size=input_size).config, env.device))
+        models.append(_diffusers_dit(create_model("DiT-XL/2", input_size=input_size), env.device))
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     log.info(f"forward on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     log.info(format_table([], FORWARD_COLUMNS))
     results = {"device": str(env.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "forward": bench_forward(models, args.batch_sizes, args.precisions, compile_modes, env.device,
                                         args.warmup, args.repeats, log)}
-    if args.sampling_steps:
+    if args.num_sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
         results["sampling"] = bench_sampling([m for m in models if hasattr(unwrap(m.model), "data_shape")],
-                                             args.batch_sizes[0], args.sampling_steps, args.cfg_scale, args.sampler,
+                                             args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale, args.sampler,
                                              args.precisions[0], env.device, args.repeats, log,
                                              options={"num_iter": args.num_iter})
     print("\n" + format_table(results["forward"], FORWARD_COLUMNS))
@@ -432,6 +467,7 @@ def run_forward_benchmark(args) -> dict:
 
 def run_training_benchmark(args) -> dict:
     """benchmarks/training.py."""
+    check_outputs({"--out": args.out}, {"--model": args.model if Path(args.model).is_file() else None})
     env, log = _setup(args)
     bm = bench_model(args.model, args.image_size // 8, env.device)
     log.info(f"training steps on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")

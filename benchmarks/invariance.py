@@ -20,13 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tinyfusion.args import Parser, positive_int
 from tinyfusion.checkpoint import read_checkpoint
+from tinyfusion.cli import run_script
 from tinyfusion.features import write_index, write_shard
 from tinyfusion.fileio import atomic_write_json
+from tinyfusion.paths import check_outputs
+from tinyfusion.synthetic import class_pattern_latents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +42,7 @@ def parse_args(argv=None):
 
 
 def _features(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    patterns = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
-    labels = rng.integers(0, 10, 256)
-    latents = patterns[labels][:, None] + 0.3 * rng.standard_normal((256, 1, 3, 8, 8)).astype(np.float32)
+    latents, labels = class_pattern_latents(256, (3, 8, 8))
     write_shard(root, 0, latents, labels)
     write_index(root, 1, num_classes=10, class_names=[str(i) for i in range(10)], source={})
     return root
@@ -68,6 +67,7 @@ def _losses(run: Path) -> list[float]:
 
 
 def main(args) -> dict:
+    check_outputs({"--out": args.out}, {})  # writable, before the runs (its inputs are made here)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,4 +113,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

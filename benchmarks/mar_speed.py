@@ -25,11 +25,14 @@ from benchmarks.harness import (
     add_benchmark_args,
     bench_forward,
     bench_sampling,
+    default_process_record,
     format_table,
 )
 from models import MAR_models, create_model, prune_depth, stack_depths
 from tinyfusion.args import Parser, positive_int
+from tinyfusion.cli import run_script
 from tinyfusion.fileio import atomic_write_json
+from tinyfusion.paths import check_outputs
 from tinyfusion.precision import PRECISIONS
 
 
@@ -56,11 +59,12 @@ def pruned_pair(name: str, image_size: int, device: torch.device) -> list[BenchM
         offset += depth
     pruned = prune_depth(full, kept).eval()
     label = f"{name} pruned to {len(kept)} blocks"
-    return [BenchModel(name, full.to(device), full.arch, dict(full.config)),
-            BenchModel(label, pruned.to(device), pruned.arch, dict(pruned.config))]
+    return [BenchModel(name, full.to(device), full.arch, dict(full.config), default_process_record(full)),
+            BenchModel(label, pruned.to(device), pruned.arch, dict(pruned.config), default_process_record(pruned))]
 
 
 def main(args):
+    check_outputs({"--out": args.out})
     env, log = _setup(args)
     models = pruned_pair(args.model, args.image_size, env.device)
     log.info(f"{args.model} at {args.image_size} px on {env.device.type} ({torch.get_num_threads()} threads), "
@@ -80,4 +84,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -11,6 +11,7 @@ step of the same model and batch, and the trainable fraction with LoRA.
 
 from benchmarks.harness import add_benchmark_args, run_training_benchmark
 from tinyfusion.args import Parser
+from tinyfusion.cli import run_script
 from tinyfusion.precision import PRECISIONS
 
 
@@ -29,4 +30,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

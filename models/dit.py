@@ -195,6 +195,9 @@ class DiT(nn.Module):
     arch = "DiT"
     # The prunable block stacks: name -> (attribute, config key of its depth, config key of its widths).
     stacks = {"blocks": ("blocks", "depth", "block_widths")}
+    # What a teacher must share with its student for Masked KD (tinyfusion.kd.check_teacher_fits): the classes,
+    # the width the feature loss compares, the patches and the output (with or without the learned variance).
+    teacher_compatible_keys = ("num_classes", "hidden_size", "learn_sigma", "patch_size")
     # Fields of the config that no state dict shows; they are recorded in our files.
     ATTENTION_KINDS = ("global",)
 

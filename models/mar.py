@@ -35,6 +35,9 @@ from tinyfusion.errors import UserError
 
 from .diffloss import DiffLoss
 
+# The token sampler's steps of the official code (main_mar.py's --num_sampling_steps).
+DEFAULT_SAMPLING_STEPS = 100
+
 
 def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """(B, L) bool mask that is True at the first `mask_len` positions of each row's order."""
@@ -75,9 +78,16 @@ class MAR(nn.Module):
         attn_dropout, proj_dropout: dropouts of the blocks.
         buffer_size: class-embedding tokens prepended to the sequence.
         diffloss_d, diffloss_w: depth and width of the diffusion MLP.
-        num_sampling_steps: respacing of the diffusion sampler, e.g. "100".
+        num_sampling_steps: respacing of the diffusion sampler of the model's own loop (`sample_tokens` without
+            `num_sampling_steps`), e.g. "100". A setting of the process, not of the weights: `config` leaves it
+            out, a toolkit file keeps it in its process record only, and `tinyfusion.checkpoint.load_model`
+            builds the model with the record's value (see `process_arguments`).
         diffusion_batch_mul: times each token is repeated, with its own timestep and noise, in the loss.
-        grad_checkpointing: recompute blocks in the backward pass to save memory.
+        grad_checkpointing: recompute blocks in the backward pass to save memory; a runtime switch (the
+            `gradient_checkpointing` property), not part of `config`.
+
+    `config` holds what rebuilds the model (its JSON constructor arguments), without the runtime switch and
+    the sampling default above; older files whose config carries them still load.
     """
 
     arch = "MAR"
@@ -86,6 +96,14 @@ class MAR(nn.Module):
     # Two prunable stacks (models.stacks): the encoder's blocks, then the decoder's (flat index E + j).
     stacks = {"encoder": ("encoder_blocks", "encoder_depth", None),
               "decoder": ("decoder_blocks", "decoder_depth", None)}
+    # Constructor arguments that are settings of the process (processes.masked), not of the weights: `config`
+    # leaves them out, a checkpoint keeps them in its process record only, and load_model builds the model
+    # with the record's values, so the model's own loop samples as the toolkit does.
+    process_arguments = ("num_sampling_steps",)
+    # What a teacher must share with its student for Masked KD (tinyfusion.kd.check_teacher_fits): the classes,
+    # the widths the feature loss compares, the tokens and the diffusion head whose predictions are distilled.
+    teacher_compatible_keys = ("class_num", "encoder_embed_dim", "decoder_embed_dim", "patch_size", "diffloss_d",
+                               "diffloss_w")
 
     def __init__(
         self,
@@ -109,7 +127,7 @@ class MAR(nn.Module):
         buffer_size: int = 64,
         diffloss_d: int = 3,
         diffloss_w: int = 1024,
-        num_sampling_steps: str = "100",
+        num_sampling_steps: str = str(DEFAULT_SAMPLING_STEPS),
         diffusion_batch_mul: int = 4,
         grad_checkpointing: bool = False,
     ):
@@ -126,9 +144,9 @@ class MAR(nn.Module):
             decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
             vae_embed_dim=vae_embed_dim, mask_ratio_min=mask_ratio_min, label_drop_prob=label_drop_prob,
             class_num=class_num, attn_dropout=attn_dropout, proj_dropout=proj_dropout, buffer_size=buffer_size,
-            diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
-            diffusion_batch_mul=diffusion_batch_mul, grad_checkpointing=grad_checkpointing,
+            diffloss_d=diffloss_d, diffloss_w=diffloss_w, diffusion_batch_mul=diffusion_batch_mul,
         )
+        self.num_sampling_steps = num_sampling_steps  # the default of its own loop (not in config, see above)
         # timm's ViT block, as the official MAR; imported here, not at the top: timm takes seconds to import
         # and every script imports the registry.
         from timm.models.vision_transformer import Block
@@ -233,7 +251,8 @@ class MAR(nn.Module):
         """MAR's process: masked tokens with a per-token Gaussian diffusion (processes.masked)."""
         return {"name": "masked-tokens", "patch_size": config["patch_size"],
                 "mask_ratio_min": config["mask_ratio_min"], "diffusion_batch_mul": config["diffusion_batch_mul"],
-                "num_sampling_steps": int(config["num_sampling_steps"])}
+                # the official default; a config of an older file may still carry its own
+                "num_sampling_steps": int(config.get("num_sampling_steps", DEFAULT_SAMPLING_STEPS))}
 
     @classmethod
     def default_cfg_scale(cls, config: dict) -> float:
@@ -612,7 +631,7 @@ MAR_models = {
     "MAR-L": _factory(1024, 16, 16, diffloss_d=8, diffloss_w=1280),
     "MAR-H": _factory(1280, 20, 16, diffloss_d=12, diffloss_w=1536),
     "MAR-Nano": _factory(64, 4, 4, diffloss_d=2, diffloss_w=64, vae_stride=1, patch_size=2, buffer_size=4,
-                         attn_dropout=0.0, proj_dropout=0.0, num_sampling_steps="50"),
+                         attn_dropout=0.0, proj_dropout=0.0),
 }
 # The official training arguments name the sizes so (`--model mar_large`); a checkpoint's args say which.
 OFFICIAL_NAMES = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}

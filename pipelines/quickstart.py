@@ -69,6 +69,9 @@ class Budget:
     cfg_scale: float
     classifier_epochs: int
     ema_decay: float
+    wide_prune_steps: int  # the cap of TinyFusion's one group over all blocks (C(8,4) = 70 options)
+    decision_seeds: int  # every learned decision is made with this many seeds
+    fid_seeds: int  # the teacher is sampled with this many seeds: the spread of its FID
 
 
 # Measured on 2 CPU cores: what DiT-Nano/2 learns in a fixed time depends on the number of updates
@@ -77,11 +80,17 @@ class Budget:
 # against 0.47 and 0.86 for real vs real). DDIM needs no more than 10 steps on it. The recovery budget
 # (about 6% of the teacher's steps) is small next to the teacher's training, so recovery cannot pass
 # for more training of the teacher.
+# TinyFusion's one 4:8 group chooses among C(8, 4) = 70 options where each 1:2 group has 2: measured on an AMD
+# EPYC, its EMA confidence was 0.45 after the 300 steps that settle the 1:2 groups, and the last bits of float
+# rounding chose the pick. It runs until its decision is confident (every EMA confidence >= STOP_CONFIDENCE and
+# the raw gates agree), up to 10x the steps of the 1:2 groups.
+STOP_CONFIDENCE = 0.9
 DEFAULT = Budget(teacher_steps=4000, teacher_lr=2e-3, batch_size=64, prune_steps=300, recover_steps=250,
                  recover_lr=5e-4, num_samples=898, sampling_steps=10, cfg_scale=2.0, classifier_epochs=10,
-                 ema_decay=0.995)
+                 ema_decay=0.995, wide_prune_steps=3000, decision_seeds=3, fid_seeds=3)
 FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, recover_steps=8,
-              recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9)
+              recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9,
+              wide_prune_steps=16, decision_seeds=2, fid_seeds=2)
 
 # The pruning methods compared, at half depth, with the same freedom where it matters: "learned
 # 1:2" chooses one block of each pair; "learned 4:8" chooses any half of the blocks, as the
@@ -141,14 +150,14 @@ def write_digits(root: Path) -> int:
 
 
 def real_halves(folder: Path, image_size: int, out: Path, seed: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
-    """The real images (center-cropped) split in two random halves, as .npz files and arrays with labels."""
-    from PIL import Image
+    """The real images (center-cropped) split in two random halves, as .npz files and arrays with labels.
 
-    from tinyfusion.images import adm_center_crop, list_image_folder
+    Not `tinyfusion.evaluation.split_halves`: every image is kept, real_a taking the odd one (the published
+    floor and every FID of the quickstart are against these halves)."""
+    from tinyfusion.images import adm_center_crop, list_image_folder, load_image
 
     listing = list_image_folder(folder)
-    images = np.stack([np.asarray(adm_center_crop(Image.open(folder / p).convert("RGB"), image_size))
-                       for p in listing.paths])
+    images = np.stack([np.asarray(adm_center_crop(load_image(folder / p), image_size)) for p in listing.paths])
     labels = np.asarray(listing.labels)
     order = np.random.default_rng(seed).permutation(len(images))
     half = (len(images) + 1) // 2
@@ -266,7 +275,11 @@ class Quickstart:
     def run(self) -> dict:
         # A smoke run checks the ablation stage with one setting; the full run measures them all.
         ablations = [name for name in ABLATIONS if name not in METHODS][:1 if self.budget == FAST else None]
-        steps = 3 + 1 + len(METHODS) + len(ablations) + (len(METHODS) + 2) + (2 * len(METHODS) + 3) + 2
+        learned = [m for m in [*METHODS, *ablations] if m.startswith(("learned", "ablation"))]
+        other_seeds = [self.seed + k for k in range(1, self.budget.decision_seeds)]
+        teacher_seeds = [self.seed + k for k in range(1, self.budget.fid_seeds)]
+        steps = (3 + 1 + len(METHODS) + len(ablations) + len(learned) * len(other_seeds) + (len(METHODS) + 2)
+                 + (2 * len(METHODS) + 3 + len(teacher_seeds)) + 2)
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_folder()
         self.started = time.time()
@@ -279,6 +292,12 @@ class Quickstart:
                 self._bar.total += 3 * len(one_of_each_pair(self.depth))
             pruned = dict(zip([*METHODS, *ablations],
                               self.together([partial(self.prune, m, teacher) for m in [*METHODS, *ablations]])))
+            # Every learned decision again with other seeds (decisions only): what holds across them is reported.
+            reseeded = [(m, seed) for m in learned for seed in other_seeds]
+            decisions = {m: [(self.seed, pruned[m])] for m in learned}
+            for (m, seed), path in zip(reseeded, self.together([partial(self.prune, m, teacher, seed)
+                                                                for m, seed in reseeded])):
+                decisions[m].append((seed, path))
             recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in METHODS}
             recovery["learned-1-2+ft"] = partial(self.finetune, "learned-1-2", pruned["learned-1-2"])
             recovery["teacher+train"] = partial(self.ceiling, teacher)
@@ -286,6 +305,10 @@ class Quickstart:
             models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"),
                       **{m: pruned[m] for m in METHODS}, **recovered}
             samples = dict(zip(models, self.together([partial(self.sample, n, c) for n, c in models.items()])))
+            # The teacher sampled with other seeds: how far FID moves with the sampling noise alone.
+            spread = {f"teacher-seed{seed}": partial(self.sample, f"teacher-seed{seed}", teacher, seed)
+                      for seed in teacher_seeds}
+            samples.update(zip(spread, self.together(list(spread.values()))))
             if self.exhaustive:
                 samples.update(self.every_pattern(teacher))
             fid = self.score(real_a, real_b, samples, classifier)
@@ -295,7 +318,7 @@ class Quickstart:
             atomic_write(self.path("grids", "SMOKE-RUN.txt"), lambda f: f.write(
                 b"These grids come from a --fast smoke run: tiny budgets, so they are mostly noise and say nothing "
                 b"about the methods. Run quickstart.py without --fast for real samples.\n"))
-        return self.report(models, fid, latency, pruned)
+        return self.report(models, fid, latency, pruned, decisions)
 
     @staticmethod
     def _teacher_stacks(teacher: Path) -> dict[str, int]:
@@ -355,15 +378,17 @@ class Quickstart:
         return real_a, real_b, classifier
 
     def _train_args(self, prefix: str, steps: int, lr: float, schedule: str = "cosine",
-                    weights_ema: bool = True) -> list[str]:
+                    weights_ema: bool = True, seed: int | None = None, log_every: int | None = None) -> list[str]:
         """The flags of a training script's run; `weights_ema` sets the budget's EMA decay (learned pruning
-        keeps the toolkit's gate EMA, whose window follows the run length)."""
+        keeps the toolkit's gate EMA, whose window follows the run length); `seed` replaces the run's; a
+        log line every tenth of the run unless `log_every` says otherwise."""
         b = self.budget
         return ["--data-path", str(self.path("data", "features")), "--results-dir", str(self.path("runs")),
                 "--prefix", prefix, "--max-steps", str(steps), "--global-batch-size", str(b.batch_size),
                 "--lr", str(lr), "--lr-schedule", schedule, *(["--ema-decay", str(b.ema_decay)] if weights_ema else []),
-                "--log-every", str(max(steps // 10, 1)),
-                "--ckpt-every", str(max(steps // 2, 1)), "--num-workers", "0", "--global-seed", str(self.seed),
+                "--log-every", str(log_every or max(steps // 10, 1)),
+                "--ckpt-every", str(max(steps // 2, 1)), "--num-workers", "0",
+                "--global-seed", str(self.seed if seed is None else seed),
                 "--precision", "fp32"]
 
     def train_teacher(self) -> Path:
@@ -374,17 +399,24 @@ class Quickstart:
                                 "--save-model", str(teacher)], distributed=True, output=teacher)
         return teacher
 
-    def prune(self, method: str, teacher: Path) -> Path:
+    def prune(self, method: str, teacher: Path, seed: int | None = None) -> Path:
+        """The half-depth model of `method`; a learned method with another `seed` (decision only) is written
+        beside the row's as METHOD-seedS."""
         b = self.budget
-        out = self.path("models", f"{method}.pt")
+        name = method if seed in (None, self.seed) else f"{method}-seed{seed}"
+        out = self.path("models", f"{name}.pt")
         if method.startswith(("learned", "ablation")):
-            groups = f"{self.depth // 8}x4:8" if method == "learned-4-8" else f"{self.depth // 2}x1:2"
-            flags = ABLATIONS.get(method, (None, LEARNED_FLAGS))[1]
-            self.script(f"prune-{method}", ["prune_by_learning.py", "--load-weight", str(teacher), "--groups", groups,
-                                            *self._train_args(f"prune-{method}", b.prune_steps, 1e-4, "constant",
-                                                              weights_ema=False),
-                                            *flags, "--save-model", str(out)], distributed=True, output=out)
-            shutil.copy(self.path("runs", f"prune-{method}", "decisions.png"), self.path(f"decisions-{method}.png"))
+            wide = method == "learned-4-8"
+            groups = f"{self.depth // 8}x4:8" if wide else f"{self.depth // 2}x1:2"
+            flags = [*ABLATIONS.get(method, (None, LEARNED_FLAGS))[1],
+                     *(["--stop-at-confidence", str(STOP_CONFIDENCE)] if wide else [])]
+            # The wide group checks its confidence as often as the 1:2 runs log (every tenth of their steps).
+            args = self._train_args(f"prune-{name}", b.wide_prune_steps if wide else b.prune_steps, 1e-4, "constant",
+                                    weights_ema=False, seed=seed,
+                                    log_every=max(b.prune_steps // 10, 1) if wide else None)
+            self.script(f"prune-{name}", ["prune_by_learning.py", "--load-weight", str(teacher), "--groups", groups,
+                                          *args, *flags, "--save-model", str(out)], distributed=True, output=out)
+            shutil.copy(self.path("runs", f"prune-{name}", "decisions.png"), self.path(f"decisions-{name}.png"))
         elif method == "oracle":
             self.script("prune-oracle", ["prune_by_index.py", "--ckpt", str(teacher), "--preset", "oracle",
                                          "--save-model", str(out)], distributed=False, output=out)
@@ -422,7 +454,7 @@ class Quickstart:
                     distributed=True, output=out)
         return out
 
-    def sample(self, name: str, ckpt: Path) -> Path:
+    def sample(self, name: str, ckpt: Path, seed: int | None = None) -> Path:
         b = self.budget
         npz = self.path("samples", f"{name}.npz")
         self.script(f"sample-{name}", ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples",
@@ -430,7 +462,7 @@ class Quickstart:
                                        *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
                                        str(FAMILIES[self.family].get("sampling_steps", b.sampling_steps)),
                                        "--cfg-scale", str(b.cfg_scale),
-                                       "--global-seed", str(self.seed), "--sample-dir",
+                                       "--global-seed", str(self.seed if seed is None else seed), "--sample-dir",
                                        str(self.path("samples", "parts")), "--npz", str(npz)], distributed=True,
                     output=npz)
         _grid(npz, self.path("grids", f"{name}.png"))
@@ -465,7 +497,7 @@ class Quickstart:
     # ----------------------------------------------------------------- the report
 
     def report(self, models: dict[str, Path], fid: dict[str, dict], latency: dict[str, dict],
-               pruned: dict[str, Path]) -> dict:
+               pruned: dict[str, Path], decisions: dict[str, list[tuple[int, Path]]]) -> dict:
         from tinyfusion.checkpoint import load_model, read_checkpoint
         from tinyfusion.training import parameter_count
 
@@ -516,9 +548,22 @@ class Quickstart:
                              "raw_kept": decision.get("raw_kept_indices"), "ema_decay": decision.get("ema_decay"),
                              "fid_after": patterns.get(tuple(decision["kept_indices"])),
                              "rank": rank(decision["kept_indices"], None)})
+        seeds = {}
+        for name, runs in decisions.items():
+            made = []
+            for seed, path in runs:
+                d = read_checkpoint(path)["extra"]["decision"]
+                made.append({"seed": seed, "kept": d["kept_indices"], "raw_kept": d.get("raw_kept_indices"),
+                             "confidence_min": min(d["confidence"]), "steps_run": d.get("steps_run", d["steps"]),
+                             "steps": d["steps"], "rank": rank(d["kept_indices"], None)})
+            label = METHOD_LABELS.get(name) or ABLATIONS[name][0]
+            seeds[name] = {"setting": label, "decisions": made,
+                           "agree": all(m["kept"] == made[0]["kept"] for m in made)}
+        teacher_fids = [fid_of("teacher"), *(fid_of(n) for n in fid if n.startswith("teacher-seed"))]
         feature_space = next(iter(fid.values()))["feature_space"]
         ordered = sorted(patterns.items(), key=lambda item: item[1])
-        result = {"rows": rows, "ablation": ablation, "fast": self.budget == FAST,
+        result = {"rows": rows, "ablation": ablation, "seeds": seeds, "fast": self.budget == FAST,
+                  "teacher_fid_over_seeds": teacher_fids,
                   "patterns": [{"kept": list(k), "fid_after": v} for k, v in ordered],
                   "best_pattern": {"kept": list(ordered[0][0]), "fid_after": ordered[0][1]} if ordered else None,
                   "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
@@ -560,6 +605,24 @@ def format_report(result: dict) -> str:
     for a in result.get("ablation", []):
         lines.append(f"| {a['setting']} | {fmt(a.get('ema_decay'), '{:.4g}')} | {a['kept']} | {a.get('raw_kept')} |"
                      + (f" {fmt(a.get('fid_after'), '{:.2f}')} | {fmt(a.get('rank'), '{}')} |" if ranked else ""))
+    seeds = result.get("seeds", {})
+    if seeds:
+        count = max(len(entry["decisions"]) for entry in seeds.values())
+        lines += ["", f"Every learned decision made with {count} seeds (the rows above use the first; the others "
+                      "decide only):", "",
+                  "| setting | seed | kept (EMA) | kept (raw gates) | lowest EMA confidence | steps run |"
+                  + (" rank among the 1:2 patterns |" if ranked else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if ranked else "")]
+        for entry in seeds.values():
+            for d in entry["decisions"]:
+                steps = f"{d['steps_run']}" + (f" of {d['steps']}" if d["steps_run"] != d["steps"] else "")
+                lines.append(f"| {entry['setting']} | {d['seed']} | {d['kept']} | {d['raw_kept']} | "
+                             f"{d['confidence_min']:.3f} | {steps} |" + (f" {fmt(d.get('rank'), '{}')} |" if ranked
+                                                                         else ""))
+    fids = result.get("teacher_fid_over_seeds") or []
+    if len(fids) > 1:
+        lines += ["", f"The teacher's FID over {len(fids)} sampling seeds: " + ", ".join(f"{v:.2f}" for v in fids)
+                  + f" (spread {max(fids) - min(fids):.2f}): differences smaller than that are sampling noise."]
     if ranked:
         best = result["best_pattern"]
         lines += ["", f"--exhaustive: every 1:2 pattern recovered with the same budget; the best is {best['kept']} "

@@ -124,8 +124,11 @@ class NoiseProcess(abc.ABC):
         if num_steps < 1:
             raise UserError(f"--num-sampling-steps must be at least 1, got {num_steps}")
 
-    def resolve_options(self, sampler: str, options: dict | None) -> dict:
+    def resolve_options(self, sampler: str, options: dict | None, data_shape: Sequence[int] | None = None) -> dict:
         """The options of `sampler` with its defaults filled in (None values count as not given).
+
+        `data_shape` (the model's (c, h, w), when known) lets a process fit a default to the model, or refuse
+        an option that the model cannot take (the masked-token sampler's iterations: at most one per token).
 
         Raises:
             UserError: an option the sampler does not take, named as its flag.

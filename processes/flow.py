@@ -82,10 +82,7 @@ class TransportProcess(NoiseProcess):
 
     def losses(self, prediction: Prediction, x: torch.Tensor, draws: Draws) -> dict[str, torch.Tensor]:
         t, x_t, u_t = self._plan(x, draws)
-        output = prediction.output.float()
-        if output.shape != x.shape:
-            raise UserError(f"the model returned {tuple(output.shape)} for inputs {tuple(x.shape)}; the transport "
-                             "needs outputs shaped like its inputs (a learn_sigma DiT returns 2C channels: use SiT)")
+        output = _shaped_like(prediction.output.float(), x)
         return {"loss": self.transport.loss_from_output(output, t, draws["noise"].to(x.dtype), x_t, u_t)}
 
     def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
@@ -97,9 +94,9 @@ class TransportProcess(NoiseProcess):
 
     # ------------------------------------------------------------------ sampling
 
-    def resolve_options(self, sampler: str, options: dict | None) -> dict:
+    def resolve_options(self, sampler: str, options: dict | None, data_shape: Sequence[int] | None = None) -> dict:
         """The sampler's options with defaults filled in and checked; raises ValueError naming the flag."""
-        resolved = super().resolve_options(sampler, options)
+        resolved = super().resolve_options(sampler, options, data_shape)
         if sampler == "ode":
             method = ODE_METHOD_ALIASES.get(resolved["sampling_method"], resolved["sampling_method"])
             if method not in FIXED_GRID_METHODS + ADAPTIVE_METHODS:
@@ -136,6 +133,11 @@ class TransportProcess(NoiseProcess):
                options: dict | None = None) -> torch.Tensor:
         self.check_sampler(sampler, num_steps)
         opts = self.resolve_options(sampler, options)
+        model = denoise
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+            return _shaped_like(model(x, t, **kwargs), x)
+
         if sampler == "ode":
             solve = Sampler(self.transport).sample_ode(sampling_method=opts["sampling_method"], num_steps=num_steps,
                                                        atol=opts["atol"], rtol=opts["rtol"])
@@ -147,6 +149,16 @@ class TransportProcess(NoiseProcess):
             diffusion_norm=opts["diffusion_norm"], last_step=opts["last_step"],
             last_step_size=opts["last_step_size"], num_steps=num_steps)
         return solve(noise, denoise, generator=list(generators), **cond)[-1]
+
+
+def _shaped_like(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The model's output, which the transport needs shaped like its input x: a file whose model is a DiT (its
+    learn_sigma output has 2C channels) but whose record names the transport is a bad input, named here."""
+    if output.shape != x.shape:
+        raise UserError(f"the model returned {tuple(output.shape)} for inputs {tuple(x.shape)}; the transport "
+                        "needs outputs shaped like its inputs (a learn_sigma DiT returns 2C channels: load the "
+                        "weights as a SiT, --model SiT-..., or sample the DiT with its Gaussian process)")
+    return output
 
 
 register_process(TransportProcess.name, TransportProcess)

@@ -162,12 +162,23 @@ class MaskedTokenProcess(NoiseProcess):
         super().check_sampler(sampler, num_steps)
         self.tokens.check_sampler("ddpm", num_steps)
 
-    def resolve_options(self, sampler: str, options: dict | None) -> dict:
-        resolved = super().resolve_options(sampler, options)
+    def resolve_options(self, sampler: str, options: dict | None, data_shape: Sequence[int] | None = None) -> dict:
+        """MAR's options; with the model's `data_shape`, the default of 64 iterations (the official one, for
+        256 tokens) becomes the token count when the model has fewer, and more iterations than tokens are
+        refused: every iteration reveals at least one token, so the schedule would run out of them."""
+        given = (options or {}).get("num_iter")
+        resolved = super().resolve_options(sampler, options, data_shape)
         if resolved["cfg_schedule"] not in ("linear", "constant"):
             raise UserError(f"--cfg-schedule {resolved['cfg_schedule']!r}: choose linear or constant")
         if int(resolved["num_iter"]) < 1:
             raise UserError(f"--num-iter must be at least 1, got {resolved['num_iter']}")
+        if data_shape is not None:
+            tokens = self._token_shape(data_shape)[0]
+            if given is None:
+                resolved["num_iter"] = min(int(resolved["num_iter"]), tokens)
+            elif int(given) > tokens:
+                raise UserError(f"--num-iter {given}: the model has {tokens} tokens and every iteration reveals at "
+                                f"least one; give at most {tokens} (unset, it is min(64, tokens))")
         if float(resolved["temperature"]) <= 0:
             raise UserError(f"--temperature must be positive, got {resolved['temperature']}")
         return resolved
@@ -175,7 +186,7 @@ class MaskedTokenProcess(NoiseProcess):
     def sample(self, denoise: Callable, noise: torch.Tensor, cond: Cond, *, sampler: str, num_steps: int,
                generators: Sequence[torch.Generator], progress: bool = False,
                options: dict | None = None) -> torch.Tensor:
-        raise UserError("masked-token sampling runs the model's own loop: use sample_model (the toolkit's "
+        raise ValueError("masked-token sampling runs the model's own loop: use sample_model (the toolkit's "
                          "sampling does)")
 
     def sample_model(self, model: nn.Module, labels: torch.Tensor, generators: Sequence[torch.Generator], *,
@@ -183,7 +194,7 @@ class MaskedTokenProcess(NoiseProcess):
                      options: dict | None = None) -> torch.Tensor:
         """Latents (N, c, h, w) of `model` for the labels; image i depends on generators[i] alone."""
         self.check_sampler(sampler, num_steps)
-        options = self.resolve_options(sampler, options)
+        options = self.resolve_options(sampler, options, unwrap(model).data_shape)
         if hasattr(model, "gates"):
             raise UserError("a gated MAR is sampled after its decision is applied: prune it (prune_by_learning.py "
                              "writes the pruned model) and sample that")

@@ -36,16 +36,12 @@ def planted(tmp_path_factory):
     Returns a dict with the features folder ("data"), the checkpoint ("ckpt"), the blocks that
     matter ("essential") and the training diffusion's inputs for direct checks.
     """
-    import numpy as np
-
     from diffusion import create_diffusion
     from tinyfusion.checkpoint import save_model
+    from tinyfusion.synthetic import class_pattern_latents
 
     root = tmp_path_factory.mktemp("planted")
-    rng = np.random.default_rng(0)
-    patterns = rng.standard_normal((10, 4, 8, 8)).astype(np.float32)
-    labels = rng.integers(0, 10, 256)
-    latents = patterns[labels][:, None] + 0.3 * rng.standard_normal((256, 1, 4, 8, 8)).astype(np.float32)
+    latents, labels = class_pattern_latents(256, (4, 8, 8))
     write_features(root / "features", latents, labels, 10)
 
     torch.manual_seed(0)

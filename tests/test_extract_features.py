@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import no_network_path, run_cli
 from PIL import Image
 
 import extract_features
@@ -166,9 +166,11 @@ def test_grayscale_pixel_features_have_one_channel(image_folder, tmp_path):
     for i in (0, 7, 14):
         expected = image_to_tensor(adm_center_crop(load_image(image_folder / listing.paths[i], "L"), SIZE))
         torch.testing.assert_close(dataset[(i, 0)][0], expected, rtol=0, atol=0)
+    # refused before the VAE is fetched: with no network and an empty cache, a download would fail loudly
     proc = run_cli(["extract_features.py", *_args(image_folder, tmp_path / "vae", "ema", "--channels", "1")],
-                   check=False)
+                   check=False, env={"PYTHONPATH": no_network_path(tmp_path), "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2 and "--channels 1 writes grayscale pixels" in proc.stderr
+    assert "network access attempted" not in proc.stderr and not (tmp_path / "vae").exists()
 
 
 def test_corrupt_image_stops_the_run_naming_it_and_skip_bad_leaves_it_out(image_folder, tmp_path):

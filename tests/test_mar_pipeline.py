@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import interrupt_with_sigterm, run_cli, tiny_dit, tiny_mar, write_features
+from helpers import interrupt_with_sigterm, run_cli, tiny_dit, tiny_mar, train_teacher
 
 from models import MAR, create_model, prune_depth
 from processes import MaskedTokenProcess, create_process
@@ -30,8 +30,9 @@ def _process(model: MAR) -> MaskedTokenProcess:
 def test_the_process_loss_is_the_official_loss_at_the_same_draws():
     model = tiny_mar().eval()
     process = _process(model)
+    # the config does not carry the sampler's steps (a setting of the process): the official default
     assert process.record() == {"name": "masked-tokens", "patch_size": 2, "mask_ratio_min": 0.7,
-                                "diffusion_batch_mul": 2, "num_sampling_steps": 4, "noise_schedule": "cosine",
+                                "diffusion_batch_mul": 2, "num_sampling_steps": 100, "noise_schedule": "cosine",
                                 "diffusion_steps": 1000}
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([1, 4, 7])
@@ -108,7 +109,7 @@ def test_label_dropout_of_the_step_replaces_the_class_by_the_fake_latent():
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_sampling_through_the_seam_is_the_models_loop_and_a_function_of_per_image_seeds(cfg):
     model = tiny_mar().eval()
-    process = _process(model)
+    process = create_process({**MAR.default_process(model.config), "num_sampling_steps": model.num_sampling_steps})
     spec = SamplingSpec.for_process(process, sampler=None, num_steps=None, options={"num_iter": 3}, cfg_scale=cfg)
     assert (spec.sampler, spec.num_steps) == ("mar", 4)
     assert spec.options == {"num_iter": 3, "cfg_schedule": "linear", "temperature": 1.0}
@@ -188,19 +189,8 @@ def test_training_from_scratch_takes_the_generic_sizes():
 @pytest.fixture(scope="module")
 def mar(tmp_path_factory):
     """A tiny MAR (2 encoder + 2 decoder blocks) trained by train.py on class patterns in pixel space."""
-    root = tmp_path_factory.mktemp("mar")
-    rng = np.random.default_rng(0)
-    patterns = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
-    labels = rng.integers(0, 10, 128)
-    latents = patterns[labels][:, None] + 0.3 * rng.standard_normal((128, 1, 3, 8, 8)).astype(np.float32)
-    data = write_features(root / "features", latents, labels, 10)
-    start = root / "start.pt"
-    save_model(start, tiny_mar(randomize=False), codec={"vae": "none", "scaling_factor": 1.0})
-    run_cli(["train.py", "--load-weight", str(start), "--data-path", str(data), "--results-dir", str(root),
-             "--prefix", "teacher", "--global-batch-size", "16", "--num-workers", "0", "--max-steps", "60",
-             "--lr", "3e-3", "--log-every", "20", "--save-model", str(root / "teacher.pt")])
-    losses = [json.loads(line)["loss"] for line in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    return {"root": root, "data": data, "teacher": root / "teacher.pt", "losses": losses}
+    return train_teacher(tmp_path_factory.mktemp("mar"), tiny_mar(randomize=False), max_steps=60,
+                         codec={"vae": "none", "scaling_factor": 1.0})
 
 
 def test_train_py_trains_a_mar_with_the_diffusion_loss(mar):

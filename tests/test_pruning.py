@@ -42,6 +42,24 @@ def test_the_default_gate_ema_fits_the_run_and_its_decision_is_the_raw_gates(pla
     assert all({"kept_indices", "raw_kept_indices", "raw_confidence"} <= set(h) for h in history)
 
 
+def test_a_confident_decision_ends_the_run_early_and_a_rerun_keeps_it(planted, tmp_path):
+    args = ("--max-steps", "200", "--stop-at-confidence", "0.9")
+    out, run_dir = _learn(planted, tmp_path, *args)
+    decision = json.loads((run_dir / "decisions.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert decision["steps"] == 200 and decision["steps_run"] < 200 and decision["steps_run"] % 4 == 0
+    assert "at least 0.9" in decision["ended_early"] and min(decision["confidence"]) >= 0.9
+    assert decision["kept_indices"] == decision["raw_kept_indices"] == planted["essential"]
+    assert history[-1]["step"] == decision["steps_run"]  # it stopped at the first log step that was confident
+    assert all(min(h["confidence"]) < 0.9 or h["kept_indices"] != h["raw_kept_indices"] for h in history[:-1])
+    kept = load_model(out).lineage["kept_indices"]
+    out.unlink()
+    out, _ = _learn(planted, tmp_path, *args)  # the same command again: the run is complete, not continued
+    assert load_model(out).lineage["kept_indices"] == kept == planted["essential"]
+    again = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert again == history and "it ended early" in (run_dir / "log.txt").read_text()
+
+
 def test_learned_pruning_finds_the_planted_answer_and_discards_the_updates(planted, tmp_path):
     out, run_dir = _learn(planted, tmp_path)
     decision = json.loads((run_dir / "decisions.json").read_text())

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import resource
 
 import pytest
 from helpers import run_cli, tiny_dit
@@ -26,7 +28,14 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
         assert row["depth"] == (8 if name.startswith("teacher") else 4)
         if name != "teacher":
             assert math.isfinite(row["fid_before"])
-    assert rows["teacher"]["speedup"] == 1.0
+        # models of one architecture are timed once: the teacher's rows share its latency, the pruned ones theirs
+        base = "teacher" if name.startswith("teacher") else "learned-1-2 + masked KD"
+        assert row["latency_ms"] == rows[base]["latency_ms"], name
+        assert row["speedup"] == pytest.approx(rows["teacher"]["latency_ms"] / row["latency_ms"], rel=1e-12), name
+    assert rows["teacher"]["speedup"] == rows["teacher + recovery budget"]["speedup"] == 1.0
+    assert rows["teacher"]["seconds"] == result["step_seconds"]["teacher"]
+    assert rows["bi + masked KD"]["seconds"] == pytest.approx(result["step_seconds"]["prune-bi"]
+                                                              + result["step_seconds"]["kd-bi"])
     assert result["feature_space"] == "digits-classifier"
     assert "FID after recovery (digits-classifier)" in (out / "results.md").read_text()
     # every stage left its artifacts
@@ -36,14 +45,39 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     for name in ("teacher.pt", "teacher+train.pt", "learned-1-2+ft.pt"):
         assert (out / "models" / name).is_file()
     assert (out / "decisions-learned-1-2.png").is_file() and (out / "decisions-learned-4-8.png").is_file()
-    assert len(list((out / "samples").glob("*.npz"))) == 15 and (out / "classifier.pt").is_file()
+    # 15 models, and the teacher again with another sampling seed
+    assert len(list((out / "samples").glob("*.npz"))) == 16 and (out / "classifier.pt").is_file()
     assert (out / "models" / "ablation-lora.pt").is_file()
     assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
-    assert result["nproc"] == 1 and result["jobs"] >= 1 and result["wall_seconds"] > 0
+    # --fast runs one process per script and so as many scripts at a time as there are cores
+    assert result["nproc"] == 1 and result["jobs"] == (os.cpu_count() or 1)
+    # every step ran in this run, at most `jobs` at a time: the wall-clock time holds each, and their sum over jobs
+    times = result["step_seconds"].values()
+    assert result["wall_seconds"] >= max(times) and result["wall_seconds"] >= sum(times) / result["jobs"]
+    assert (f"This run: {result['wall_seconds']:.0f} s wall-clock, 1 process(es) per script, {result['jobs']} "
+            "script(s) at a time") in (out / "results.md").read_text()
     assert result["fast"] and (out / "results.md").read_text().startswith("**Smoke run (--fast)")
     assert "mostly noise" in (out / "grids" / "SMOKE-RUN.txt").read_text()
     assert [a["name"] for a in result["ablation"]] == ["learned-1-2", "ablation-lora"]  # the full run: all four
     assert all(len(a["kept"]) == len(a["raw_kept"]) == 4 for a in result["ablation"])
+    # every learned decision is made with FAST.decision_seeds seeds; the row's model is the first seed's
+    assert set(result["seeds"]) == {"learned-1-2", "learned-4-8", "ablation-lora"}
+    for name, entry in result["seeds"].items():
+        made = entry["decisions"]
+        assert [d["seed"] for d in made] == list(range(FAST.decision_seeds))
+        assert entry["agree"] == all(d["kept"] == made[0]["kept"] for d in made)
+        for d in made:
+            assert len(d["kept"]) == 4 and 0 < d["confidence_min"] <= 1
+            assert d["steps"] == (FAST.wide_prune_steps if name == "learned-4-8" else FAST.prune_steps)
+            assert 0 < d["steps_run"] <= d["steps"]
+        assert (out / "models" / f"{name}-seed1.pt").is_file()
+    for method in ("learned-1-2", "learned-4-8"):
+        assert rows[f"{method} + masked KD"]["kept"] == result["seeds"][method]["decisions"][0]["kept"]
+    fids = result["teacher_fid_over_seeds"]
+    assert len(fids) == FAST.fid_seeds and fids[0] == rows["teacher"]["fid_after"] and len(set(fids)) == FAST.fid_seeds
+    report = (out / "results.md").read_text()
+    assert f"made with {FAST.decision_seeds} seeds" in report
+    assert f"The teacher's FID over {FAST.fid_seeds} sampling seeds: " + ", ".join(f"{v:.2f}" for v in fids) in report
 
 
 def test_fast_and_full_runs_have_their_own_folders():
@@ -95,13 +129,23 @@ def test_forward_benchmark_smallest(tmp_path):
     out = tmp_path / "forward.json"
     proc = run_cli(["-m", "benchmarks.forward", "--models", "DiT-Nano/2", str(tmp_path / "pruned.pt"),
                     "--image-size", "16", "--batch-sizes", "2", "--precisions", "fp32", "bf16", "--warmup", "0",
-                    "--repeats", "1", "--sampling-steps", "2", "--device", "cpu", "--out", str(out)])
+                    "--repeats", "1", "--num-sampling-steps", "2", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert len(result["forward"]) == 4 and len(result["sampling"]) == 2
     baseline, pruned = result["forward"][:2]
     assert baseline["speedup"] == 1.0 and baseline["ideal_speedup"] == 1.0
     assert pruned["ideal_speedup"] > 1.0 and pruned["depth"] == 2  # fewer FLOPs than DiT-Nano/2
-    assert all(r["latency_ms"] > 0 and r["peak_mib"] > 0 for r in result["forward"])
+    assert [(r["precision"], r["batch"]) for r in result["forward"]] == [("fp32", 2)] * 2 + [("bf16", 2)] * 2
+    for group in (result["forward"][:2], result["forward"][2:]):  # each precision its own baseline
+        for r in group:
+            assert r["speedup"] == pytest.approx(group[0]["latency_ms"] / r["latency_ms"], rel=1e-12)
+            assert r["ideal_speedup"] == pytest.approx(group[0]["gflops"] / r["gflops"], rel=1e-12)
+            assert r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["latency_ms"], rel=1e-12)
+    # on CPU the memory column is the process's RSS high-water mark: it only grows, in the order of the rows
+    peaks = [r["peak_mib"] for r in result["forward"]]
+    assert all(r["memory"] == "process peak RSS" for r in result["forward"]) and peaks == sorted(peaks)
+    assert [(r["batch"], r["steps"]) for r in result["sampling"]] == [(2, 2), (2, 2)]
+    assert all(r["images_per_s"] == pytest.approx(2 / r["seconds"], rel=1e-12) for r in result["sampling"])
     assert "| model | depth |" in proc.stdout
 
 
@@ -113,8 +157,11 @@ def test_mar_speed_benchmark_smallest(tmp_path):
     result = json.loads(out.read_text())
     full, pruned = result["forward"]
     assert (full["depth"], pruned["depth"]) == (8, 4) and pruned["ideal_speedup"] > 1.3
-    assert [r["sampler"] for r in result["sampling"]] == ["mar", "mar"] and result["sampling_speedup"] > 0
-    assert "sampling speedup" in proc.stdout
+    assert [r["sampler"] for r in result["sampling"]] == ["mar", "mar"]
+    assert [(r["num_iter"], r["steps"], r["batch"]) for r in result["sampling"]] == [(2, 2, 2)] * 2
+    speedup = result["sampling"][0]["seconds"] / result["sampling"][1]["seconds"]  # the full model's over the pruned
+    assert result["sampling_speedup"] == pytest.approx(speedup, rel=1e-12)
+    assert f"sampling speedup {speedup:.2f}x at 2 iterations" in proc.stdout
 
 
 def test_training_benchmark_smallest(tmp_path):
@@ -125,7 +172,11 @@ def test_training_benchmark_smallest(tmp_path):
     rows = {r["task"]: r for r in result["rows"]}
     assert set(rows) == {"train", "kd", "prune-lora", "prune-full"}
     assert 0 < rows["kd"]["teacher_share"] < 1
-    assert rows["prune-lora"]["vs_train"] > 0 and rows["prune-full"]["vs_train"] > 0
+    for task in ("prune-lora", "prune-full"):  # the step's cost relative to plain training of the same model
+        assert rows[task]["vs_train"] == pytest.approx(rows[task]["seconds_per_step"]
+                                                       / rows["train"]["seconds_per_step"], rel=1e-12)
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(4 * row["steps_per_s"], rel=1e-12)  # batch 4
     assert 0 < result["lora_trainable_fraction"] < 1
 
 
@@ -137,8 +188,13 @@ def test_benchmarked_calls_take_turns():
 
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert [len(times) for times, _ in results] == [3, 3]
     assert all(0 < t < 1 for times, _ in results for t in times)  # each a measured duration of a trivial call
-    assert all(memory["peak_mib"] > 0 for _, memory in results)
+    # on CPU: the process's RSS high-water mark in MiB when each was last timed (b after a)
+    (_, a), (_, b) = results
+    assert a["memory"] == b["memory"] == "process peak RSS"
+    assert before <= a["peak_mib"] <= b["peak_mib"] <= after

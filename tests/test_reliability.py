@@ -131,6 +131,25 @@ def test_an_infinite_learning_rate_writes_no_checkpoint_and_fails(small, tmp_pat
     assert named == ("none" if not written else str(max(written)))
 
 
+def test_a_disk_that_fills_up_mid_checkpoint_is_one_line_and_loses_nothing(small, tmp_path):
+    run_cli(_train_args(small["data"], tmp_path, "straight", "--max-steps", "4", "--ckpt-every", "2"))
+    spy = str(ROOT / "tests" / "helpers" / "fault_spy.py")  # the write of step 4's checkpoint fails with ENOSPC
+    args = _train_args(small["data"], tmp_path, "full", "--max-steps", "4", "--ckpt-every", "2")
+    proc = run_cli([spy, "enospc:4", *args[1:]], check=False)
+    ckpts = tmp_path / "full" / "checkpoints"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("train.py: error: cannot write ")
+    for needle in (str(ckpts / "step-0000004.pt"), "No space left on device (ENOSPC)", "nothing was replaced",
+                   f"The last checkpoint is {ckpts / 'step-0000002.pt'}", "run the same command again"):
+        assert needle in lines[0], lines[0]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["manifest.json", "step-0000002.pt"]  # no temporary left
+    assert json.loads((ckpts / "manifest.json").read_text())["checkpoints"] == [{"file": "step-0000002.pt", "step": 2}]
+    proc = run_cli(args)  # space freed: the same command resumes
+    assert "step-0000002.pt at step 2" in proc.stdout
+    _assert_same_state(_final(tmp_path / "straight", 4), _final(tmp_path / "full", 4))
+
+
 #################################################################################
 #                   3, 4. Resume by content; only the run's own files           #
 #################################################################################

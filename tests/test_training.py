@@ -210,4 +210,4 @@ def test_a_non_finite_batch_is_skipped_and_counted_and_a_run_of_them_stops(tmp_p
 def test_resuming_with_other_settings_is_refused(planted, tmp_path):
     _train(planted, tmp_path, "--max-steps", "2", "--ckpt-every", "1")
     proc = _train(planted, tmp_path, "--max-steps", "2", "--lr", "5e-4", check=False)
-    assert proc.returncode != 0 and "lr: 0.0001 recorded, 0.0005 now" in proc.stderr
+    assert proc.returncode == 2 and "lr: 0.0001 recorded, 0.0005 now" in proc.stderr

@@ -124,7 +124,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt"
                             "state dict (official DiT and SiT files share one layout). A family name alone (DiT, "
                             f"SiT) takes the sizes from the weights. Choices: {', '.join(choices)}")
     group.add_argument(ckpt_flag, type=str, required=ckpt_required, default=None,
-                       help="checkpoint: official DiT weights, a training checkpoint, a TinyFusion or "
+                       help="checkpoint: official DiT, SiT or MAR weights, a training checkpoint, a TinyFusion or "
                             "toolkit file, or .safetensors")
     group.add_argument("--weights", choices=["ema", "model"], default="ema",
                        help="which weights of a training checkpoint to use")

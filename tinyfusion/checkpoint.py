@@ -51,9 +51,12 @@ from .paths import file_sha256
 
 FORMAT = "tinyfusion-toolkit"
 # 2: the record holds "process" and "codec" and a complete config (per-block widths, attention kind);
-# files of version 1 still load (their process is the family's default and their codec unrecorded).
+# files of version 1 still load (their process is the family's default and their codec unrecorded). A file of a
+# newer version is refused (check_version): this code cannot know what it would misread.
 FORMAT_VERSION = 2
 SAFETENSORS_METADATA_KEY = "tinyfusion"
+# A .safetensors file holds one weight set (the EMA when there is one), stored as "model"; its record says which.
+SAFETENSORS_WEIGHTS_KEY = "weights"
 # Every file the toolkit writes carries the SHA-256 of its content (tensors bit for bit, and every other
 # value), checked when it is read: a flipped byte, from a failing disk or a bad copy, is an error.
 INTEGRITY_KEY = "integrity"
@@ -117,8 +120,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         obj = _read_safetensors(path)
     else:
         obj = _read_pickle(path)
+    check_version(obj, path)
     verify_integrity(obj, path)
+    if path.suffix == ".safetensors" and is_self_describing(obj):
+        held = obj.pop(SAFETENSORS_WEIGHTS_KEY, "model")  # files written before it was recorded: "model"
+        if held not in ("ema", "model"):
+            raise UserError(f"{str(path)!r}: its record says it holds {held!r} weights, which this toolkit does not "
+                             "know ('ema' or 'model'); re-export it with tinyfusion.checkpoint.save_model")
+        obj[held] = obj.pop("model")
     return obj
+
+
+def check_version(obj: dict, path: str | os.PathLike) -> None:
+    """Refuses a toolkit file of a format version newer than this code reads (rather than half-loading it)."""
+    if not is_self_describing(obj):
+        return
+    version = obj.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError(f"{str(path)!r} records format version {version!r}, which is no version of the {FORMAT} "
+                         f"format (this toolkit reads versions 1 to {FORMAT_VERSION}); the file is damaged: "
+                         "re-create it, or restore it from a good copy")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{str(path)!r} is of format version {version}, newer than this toolkit reads (versions up to "
+                         f"{FORMAT_VERSION}): upgrade the toolkit to load it")
 
 
 def _read_pickle(path: Path) -> dict:
@@ -233,6 +257,10 @@ def select_state_dict(obj: dict, weights: str = "ema", path: str = "checkpoint")
         which = "ema" if weights == "ema" and ema is not None else "model"
         state_dict = ema if which == "ema" else obj.get("model")
         if state_dict is None:
+            if which == "model" and ema is not None:
+                raise UserError(f"{path} holds only the EMA weights, not the raw model's (a .safetensors file written "
+                                 "by save_model keeps one set: the EMA when there is one): load them with --weights "
+                                 "ema (weights='ema'), or use the .pt file of the run, which holds both")
             present = sorted(k for k in obj if obj[k] is not None)
             raise UserError(f"{path} has no {which!r} weights; it holds {present}")
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -427,10 +455,17 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
         raise UserError(f"{path} holds a model of the family {arch!r}, which this toolkit does not know; known: "
                          f"{', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
-    model = build_architecture(arch, config)
-    config = dict(model.config)  # complete: per-block widths and attention filled in for older files
     recorded_process = obj.get("process") if is_self_describing(obj) and obj.get("arch") == arch else None
-    process = create_process(recorded_process or family.default_process(config)).record()
+    if recorded_process:
+        process = create_process(recorded_process).record()
+        # A family's constructor arguments that are settings of its process come from the process record, their
+        # one source (an older file's config may carry them too: the record wins).
+        model = build_architecture(arch, {**config, **process_arguments(family, process)})
+    else:
+        # The family's default process for the complete config (and what an older file's config carries).
+        model = build_architecture(arch, config)
+        process = create_process(family.default_process({**config, **model.config})).record()
+    config = dict(model.config)  # complete: per-block widths and attention filled in for older files
     _load_weights(model, state_dict, path)
     model.eval()
     groups = groups or preset_groups
@@ -445,6 +480,12 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
                        codec=obj.get("codec") if is_self_describing(obj) else None,
                        lineage=obj.get("lineage") if is_self_describing(obj) else None,
                        weights=which, path=path, extra=extra)
+
+
+def process_arguments(family: type[nn.Module], process: dict) -> dict:
+    """The constructor arguments of `family` that its process record holds (the family's `process_arguments`,
+    e.g. MAR's num_sampling_steps), with the record's values."""
+    return {key: process[key] for key in getattr(family, "process_arguments", ()) if key in process}
 
 
 def _same_layout(arch_a: str, arch_b: str) -> bool:
@@ -509,9 +550,12 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, process: dict | Non
         from safetensors.torch import save
 
         check_finite(record, path)
-        weights = record.pop("ema", None) or record.pop("model")
+        held = "ema" if record.get("ema") is not None else "model"
+        weights = record.pop(held)
         record.pop("model", None)
-        record = with_integrity({**record, "model": weights})
+        # The tensors are stored as "model" (readers of files before the set was recorded read them so); the record
+        # says which set they are.
+        record = with_integrity({**record, SAFETENSORS_WEIGHTS_KEY: held, "model": weights})
         record.pop("model")
         data = save({k: v.contiguous() for k, v in weights.items()},
                     metadata={SAFETENSORS_METADATA_KEY: json.dumps(record)})

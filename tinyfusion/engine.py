@@ -36,7 +36,7 @@ from processes import Draws, NoiseProcess
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, first_nonfinite, read_checkpoint
 from .distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, is_distributed
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, WriteFailed
 from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
 from .fileio import atomic_write_json, setting_differences, truncate_jsonl
 from .precision import autocast, grad_scaler
@@ -127,6 +127,11 @@ class Task(abc.ABC):
 
     def on_log(self, record: dict) -> None:
         """Called on rank 0 with each log record (e.g. to append it to a file of the task's own)."""
+
+    def finished(self, fields: dict) -> str | None:
+        """Why the run may end before its last step, judged at a log step from `log_fields` (the same on every
+        rank); None to go on. The checkpoint records it, so running the same command again ends too."""
+        return None
 
 
 def step_draws(seed: int, step: int, global_batch_size: int, data_shape, process: NoiseProcess, env: DistEnv, *,
@@ -309,6 +314,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, config.keep_last)
         self.step = 0
         self.skipped_steps = 0
+        self.finished: str | None = None  # why the run ended before its last step (Task.finished)
         self._stop_requested = False
 
     # ----------------------------------------------------------------- state
@@ -321,7 +327,7 @@ class Trainer:
             "ema": {k: v.detach().cpu() for k, v in self.ema.model.state_dict().items()},
             "training_state": {
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "skipped_steps": self.skipped_steps,
+                "step": self.step, "skipped_steps": self.skipped_steps, "finished": self.finished,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             },
@@ -341,6 +347,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.finished = state.get("finished")
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -357,7 +364,13 @@ class Trainer:
             raise RunFailed(self._diverged(f"at step {self.step} the weights are not finite ({bad} holds NaN or "
                                            "inf), so no checkpoint was written"))
         if self.env.is_main:
-            path = self.checkpoints.save(self.state_dict(), self.step)
+            try:
+                path = self.checkpoints.save(self.state_dict(), self.step)
+            except WriteFailed as e:
+                last = self.checkpoints.latest()
+                raise RunFailed(f"{e}. The last checkpoint is {last if last else 'none (none was written yet)'}: "
+                                "free space (or fix the folder's permissions) and run the same command again to "
+                                "resume from it") from e
             self.logger.info(f"saved checkpoint {path}")
         barrier()
 
@@ -422,8 +435,9 @@ class Trainer:
         """
         c = self.config
         self.maybe_resume()
-        if self.step >= c.total_steps:
-            self.logger.info(f"the run in {self.run_dir} is already complete ({self.step} steps)")
+        if self.step >= c.total_steps or self.finished:
+            self.logger.info(f"the run in {self.run_dir} is already complete ({self.step} steps"
+                             + (f"; it ended early: {self.finished})" if self.finished else ")"))
             return self.ema.model
         previous_handlers = self._install_stop_handlers()
         writer = self._tensorboard()
@@ -449,11 +463,16 @@ class Trainer:
                         raise RunFailed(self._diverged(f"{consecutive_bad} consecutive steps had a non-finite loss "
                                                        f"or gradient (the last at step {self.step})"))
                 if self.step % c.log_every == 0 or self.step == c.total_steps:
-                    self._log(window, writer)
+                    fields = self._log(window, writer)
                     window = _Window()
+                    if self.step < c.total_steps:
+                        self.finished = self.task.finished(fields)
                 stop = self._stop_agreed()
-                if stop or self.step % c.ckpt_every == 0 or self.step == c.total_steps:
+                if stop or self.finished or self.step % c.ckpt_every == 0 or self.step == c.total_steps:
                     self.save_checkpoint()
+                if self.finished:
+                    self.logger.info(f"ended at step {self.step} of {c.total_steps}: {self.finished}")
+                    break
                 if stop:
                     name = signal.Signals(stop).name
                     self.logger.info(f"stopped by {name} at step {self.step}; re-run the same command to resume")
@@ -517,14 +536,15 @@ class Trainer:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _log(self, window: "_Window", writer) -> None:
+    def _log(self, window: "_Window", writer) -> dict:
+        """Logs the window's means and the task's fields (rank 0); returns the fields (every rank)."""
         means = window.means(self.env.device)
         fields = broadcast_object(self.task.log_fields(self.ema.model) if self.env.is_main else None)
         record = {"step": self.step, **means, "steps_per_sec": window.steps / max(window.elapsed(), 1e-9),
                   "images_per_sec": window.images * self.env.world_size / max(window.elapsed(), 1e-9),
                   "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps, **fields}
         if not self.env.is_main:
-            return
+            return fields
         text = " ".join(f"{k} {v:.4g}" for k, v in means.items())
         extra = self.task.describe(fields)
         self.logger.info(f"(step {self.step:07d}) {text} | {record['steps_per_sec']:.2f} steps/s "
@@ -537,6 +557,7 @@ class Trainer:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(k, v, self.step)
+        return fields
 
 
 class _Window:

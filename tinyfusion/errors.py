@@ -3,7 +3,8 @@
 `UserError` is a bad input: a path, a flag value, a checkpoint that does not fit, bad data. It is raised
 where an input is checked, with a message that names the input and the fix, and a script prints it as one
 line (exit status 2). `RunFailed` is a run that cannot go on for a reason the user must act on (diverged,
-a run folder in use, a disk that filled up); one line, exit status 1. Every other exception, a
+a run folder in use; `WriteFailed`: a disk that filled up, a folder without write permission); one line,
+exit status 1. Every other exception, a
 `ValueError` of an internal invariant included, is a bug: the script keeps its traceback.
 
 This module imports nothing, so every layer (models/, processes/, the library) may raise its classes.
@@ -23,4 +24,18 @@ class RunFailed(RuntimeError):
     status = 1
 
 
-__all__ = ["RunFailed", "UserError"]
+class WriteFailed(RunFailed):
+    """A file could not be written (no space left, no permission, a read-only file system): the cause and the
+    file are named, and the atomic write guarantees that whatever the file held before is still there."""
+
+    def __init__(self, path, cause: OSError):
+        import errno
+
+        code = errno.errorcode.get(cause.errno, "") if cause.errno is not None else ""
+        what = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(f"cannot write {str(path)!r}: {what}{f' ({code})' if code else ''}; nothing was replaced "
+                         "(the write goes to a temporary file that was removed)")
+        self.path, self.cause = path, cause
+
+
+__all__ = ["RunFailed", "UserError", "WriteFailed"]

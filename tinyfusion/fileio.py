@@ -3,6 +3,7 @@ comparison of a folder's recorded settings with a command's."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
-from .errors import UserError
+from .errors import UserError, WriteFailed
 
 
 def _umask() -> int:
@@ -22,25 +23,60 @@ def _umask() -> int:
     return mask
 
 
+class _RecordingWriter(io.RawIOBase):
+    """A binary file that remembers the first OSError of its writes: torch.save's zip writer turns a failed
+    write into a RuntimeError of its own ("unexpected pos"), which no longer says why."""
+
+    def __init__(self, file: BinaryIO):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Calls write(f) on a temporary file beside `path`, flushes it to disk, then renames it over `path`.
 
     The file gets the usual permissions (0666 minus the umask), not mkstemp's owner-only 0600, so
     teammates on a cluster can read what a run wrote.
+
+    Raises:
+        WriteFailed: the file system refused (no space, no permission, read-only), naming the file and the
+            cause; the temporary file is removed and whatever `path` held is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _RecordingWriter(f)
+            try:
+                write(recorder)
+            except Exception as e:
+                if recorder.error is not None:
+                    raise recorder.error from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteFailed(path, e) from e
         raise
     return path
 

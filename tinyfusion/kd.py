@@ -22,21 +22,11 @@ from models import BlockRecorder, flat_blocks, total_depth, unwrap
 from models import layer_map as lineage_layer_map
 from processes import NoiseProcess, create_process
 
-from .checkpoint import LoadedModel, load_model, save_model
-from .distributed import barrier
-from .engine import Batch, Task, Trainer
+from .checkpoint import LoadedModel, load_model
+from .engine import Batch, Task
 from .errors import UserError
 from .options import MaskedKDOptions
-from .training import (
-    checkpoint_record,
-    model_for_training,
-    parameter_count,
-    run_settings,
-    start_run,
-    total_steps,
-    train_config,
-    with_family_recipe,
-)
+from .training import model_for_training, parameter_count, start_run, total_steps, train_and_save, with_family_recipe
 
 #################################################################################
 #                                 Loss functions                                #
@@ -154,8 +144,20 @@ class MaskedKDTask(Task):
         return out
 
 
+def teacher_compatible_keys(family: type[nn.Module], config: dict) -> tuple[str, ...]:
+    """The config keys on which a teacher of `family` must agree with its student: the family's
+    `teacher_compatible_keys`; a family that declares none: every key of `config` but its stacks' depths and
+    per-block widths (what pruning changes)."""
+    declared = getattr(family, "teacher_compatible_keys", None)
+    if declared is not None:
+        return tuple(declared)
+    pruned = {key for _, depth_key, widths_key in family.stacks.values() for key in (depth_key, widths_key) if key}
+    return tuple(key for key in config if key not in pruned)
+
+
 def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) -> None:
-    """The teacher must share the student's family, process, inputs, classes and width."""
+    """The teacher must share the student's family, process and inputs, and the config keys its family names
+    (`teacher_compatible_keys`: e.g. classes and width)."""
     s, t = student.config, teacher.config
     problems = []
     if student.arch != teacher.arch:
@@ -165,10 +167,10 @@ def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) ->
     s_shape, t_shape = tuple(unwrap(student.model).data_shape), tuple(unwrap(teacher.model).data_shape)
     if s_shape != t_shape:
         problems.append(f"inputs {s_shape} vs {t_shape}")
-    for key in ("num_classes", "hidden_size", "learn_sigma", "class_num", "encoder_embed_dim", "decoder_embed_dim",
-                "patch_size", "diffloss_d", "diffloss_w"):
-        if key in s and s.get(key) != t.get(key):
-            problems.append(f"{key} {s.get(key)} vs {t.get(key)}")
+    if student.arch == teacher.arch:
+        for key in teacher_compatible_keys(type(unwrap(student.model)), s):
+            if s.get(key) != t.get(key):
+                problems.append(f"{key} {s.get(key)} vs {t.get(key)}")
     if problems:
         raise UserError(f"--load-teacher {path} cannot teach this student: {'; '.join(problems)}; use the model the "
                          "student was pruned from")
@@ -184,8 +186,9 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
                    outputs={"--save-model": args.save_model}) as run:
         student = model_for_training(args, run.dataset, run.logger)
         args = with_family_recipe(args, student.model)
+        # The teacher's own settings: --num-heads is the student's (for a bare student state dict).
         teacher = load_model(args.load_teacher, args.teacher, weights=args.teacher_weights,
-                             num_heads=args.num_heads)
+                             num_heads=args.teacher_num_heads)
         check_teacher_fits(student, teacher, args.load_teacher)
         model = student.model.to(run.env.device)
         if args.grad_checkpointing:
@@ -206,16 +209,6 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
         task = MaskedKDTask(process, teacher_model, model, mapping, alpha_kd=args.alpha_kd,
                             beta_feat=args.beta_feat, mask_k=None if args.mask_k <= 0 else args.mask_k)
         steps = total_steps(args, run.dataset)
-        trainer = Trainer(
-            env=run.env, model=model, param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
-            task=task, dataset=run.dataset, config=train_config(args, run, steps), process=process,
-            settings=run_settings(args, precision=run.precision, layer_map={str(k): v for k, v in mapping.items()}),
-            logger=run.logger, record=lambda: checkpoint_record(student, "train_masked_kd.py"))
-        ema = trainer.fit()
-        if args.save_model and run.env.is_main:
-            save_model(args.save_model, model, ema=ema, process=student.process, codec=student.codec,
-                       lineage=student.lineage,
-                       extra={"script": "train_masked_kd.py", "steps": steps, "teacher": args.load_teacher,
-                              "initialised_from": student.path})
-            run.logger.info(f"saved {args.save_model}")
-        barrier()
+        train_and_save(args, run, student, model, task, process, steps, "train_masked_kd.py",
+                       settings={"layer_map": {str(k): v for k, v in mapping.items()}},
+                       extra={"teacher": args.load_teacher})

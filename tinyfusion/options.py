@@ -1,7 +1,8 @@
 """Typed options of the library's entry points: what each script's flags mean, as dataclasses.
 
-Only the scripts (through `tinyfusion.args`) know argparse; the library takes these. A field's name
-is its flag's (`--global-batch-size` -> `global_batch_size`), and its default is the flag's.
+The command lines (the scripts through `tinyfusion.args`, and the applications' own) know argparse; the
+library takes these. A field's name is its flag's (`--global-batch-size` -> `global_batch_size`), and its
+default is the flag's.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class MaskedKDOptions(TrainOptions):
     teacher: str | None = None
     load_teacher: str = ""
     teacher_weights: str = "ema"
+    teacher_num_heads: int | None = None  # a bare teacher state dict of a non-official width (not --num-heads)
     alpha_kd: float = 0.9
     beta_feat: float = 1e-2
     mask_k: float = 2.0
@@ -93,6 +95,7 @@ class LearnedPruningOptions(TrainingOptions):
     lora_alpha: float | None = None
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["all"])
     ema_decay: float | None = None  # None: from the run length (tinyfusion.pruning.gate_ema_decay)
+    stop_at_confidence: float | None = None  # None: run every step
     save_model: str = ""
 
 

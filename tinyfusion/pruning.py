@@ -41,6 +41,7 @@ from .paths import check_outputs
 from .runtime import bootstrap
 from .training import (
     DiffusionTask,
+    adopt_data_codec,
     check_data_fits,
     parameter_count,
     run_settings,
@@ -173,12 +174,15 @@ class LearnedPruningTask(DiffusionTask):
     log_files = ("decisions.jsonl",)
 
     def __init__(self, process: NoiseProcess, gated: GatedModel, tau_range: Sequence[float],
-                 scaling_range: Sequence[float], run_dir: Path):
+                 scaling_range: Sequence[float], run_dir: Path, stop_confidence: float | None = None):
         super().__init__(process)
         for name, (start, end) in (("--tau-range", tau_range), ("--scaling-range", scaling_range)):
             if start <= 0 or end <= 0:
                 raise UserError(f"{name} values must be positive, got {start} {end}")
+        if stop_confidence is not None and not 0.0 < stop_confidence < 1.0:
+            raise UserError(f"--stop-at-confidence must be in (0, 1), got {stop_confidence}")
         self.gated, self.tau_range, self.scaling_range, self.run_dir = gated, tau_range, scaling_range, run_dir
+        self.stop_confidence = stop_confidence
         self.gate_options = sum(gated.gates.num_options)
 
     def before_step(self, step: int, total_steps: int) -> None:
@@ -196,6 +200,17 @@ class LearnedPruningTask(DiffusionTask):
         conf = fields["confidence"]
         return (f"tau {fields['tau']:.3g} kept {fields['kept_indices']} confidence min {min(conf):.3f} "
                 f"mean {sum(conf) / len(conf):.3f}")
+
+    def finished(self, fields: dict) -> str | None:
+        """With --stop-at-confidence C: done once every group's EMA confidence reaches C and the raw gates keep
+        the same blocks (a decision that no longer moves), judged at a log step."""
+        if self.stop_confidence is None:
+            return None
+        lowest = min(fields["confidence"])
+        if lowest >= self.stop_confidence and fields["kept_indices"] == fields["raw_kept_indices"]:
+            return (f"every group's EMA confidence is at least {self.stop_confidence:g} (lowest {lowest:.3f}) and "
+                    "the raw gates agree (--stop-at-confidence)")
+        return None
 
     def on_log(self, record: dict) -> None:
         with open(self.run_dir / "decisions.jsonl", "a") as f:
@@ -263,6 +278,7 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
         loaded = _gated_source(args)
         gated = loaded.model.to(run.env.device)
         check_data_fits(gated, run.dataset)
+        adopt_data_codec(loaded, run.dataset, run.logger)
         groups = gated.gates.groups
         weights: list[nn.Parameter] = []
         if args.delta_w and args.lora:
@@ -281,7 +297,8 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
         if weights:
             param_groups.insert(0, {"params": weights, "lr": args.lr})
         process = create_process(loaded.process)
-        task = LearnedPruningTask(process, gated, args.tau_range, args.scaling_range, run.run_dir)
+        task = LearnedPruningTask(process, gated, args.tau_range, args.scaling_range, run.run_dir,
+                                  stop_confidence=args.stop_at_confidence)
         steps = total_steps(args, run.dataset)
         ema_decay = args.ema_decay if args.ema_decay is not None else gate_ema_decay(steps)
         run.logger.info(f"gate EMA decay {ema_decay:.6g} (a window of {1 / (1 - ema_decay):.0f} of {steps} steps"
@@ -312,7 +329,8 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
             summary = {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
                        "options": decision["options"], "raw_kept_indices": raw["kept_indices"],
                        "raw_confidence": raw["confidence"], "ema_decay": ema_decay,
-                       "groups": format_groups(groups), "steps": steps,
+                       "groups": format_groups(groups), "steps": steps, "steps_run": trainer.step,
+                       "ended_early": trainer.finished,
                        "settings": run_settings(args, precision=run.precision)}
             save_pruned(original, decision["kept_indices"], args.save_model, "learned", run.logger,
                         extra={"decision": summary})

@@ -48,7 +48,7 @@ from .options import SAMPLER_OPTION_FIELDS, SampleGridOptions, SampleSetOptions,
 from .paths import check_outputs, file_sha256
 from .precision import PRECISIONS, autocast
 from .runtime import Runtime, bootstrap
-from .vae import LatentCodec, load_codec, resolve_codec
+from .vae import PIXEL_CHANNELS, LatentCodec, load_codec, resolve_codec
 
 # The eight ImageNet classes of the DiT README's sample grid.
 SHOWCASE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -86,14 +86,22 @@ class SamplingSpec:
 
     @classmethod
     def for_process(cls, process: NoiseProcess, *, sampler: str | None, num_steps: int | None,
-                    options: dict | None = None, **kwargs) -> "SamplingSpec":
-        """A spec whose sampler, step count and sampler options default to the process's, checked against it."""
+                    options: dict | None = None, data_shape: Sequence[int] | None = None,
+                    **kwargs) -> "SamplingSpec":
+        """A spec whose sampler, step count and sampler options default to the process's, checked against it
+        (and against the model's `data_shape`, when given: see `NoiseProcess.resolve_options`)."""
         sampler = sampler or process.samplers[0]
         if sampler not in process.samplers:
             process.check_sampler(sampler, 2)
         num_steps = num_steps if num_steps is not None else process.default_steps[sampler]
         process.check_sampler(sampler, num_steps)
-        return cls(sampler=sampler, num_steps=num_steps, options=process.resolve_options(sampler, options), **kwargs)
+        options = process.resolve_options(sampler, options, data_shape)
+        return cls(sampler=sampler, num_steps=num_steps, options=options, **kwargs)
+
+    def describe(self) -> str:
+        """One line for logs: the sampler, its steps and options, guidance and precision."""
+        options = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}" for k, v in self.options.items())
+        return f"{self.sampler}, {self.num_steps} steps{options}, cfg {self.cfg_scale:g}, {self.precision}"
 
     def sampler_name(self) -> str:
         """The sampler and its method when it has one ("ddpm", "ode-dopri5", "sde-Euler"), for names."""
@@ -127,7 +135,8 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
     if logger is not None and vae in (None, "auto"):
         logger.info(f"codec: {spec} ({why})")
     codec = load_codec(spec, device)
-    produced = codec.latent_channels()
+    # Pixels are the model's own channels (grayscale or RGB); a VAE makes its latent channels.
+    produced = codec.latent_channels(in_channels if in_channels in PIXEL_CHANNELS else 3)
     if in_channels != produced:
         vaes = "--vae kl16 (or a kl16.ckpt)" if in_channels == 16 else "--vae ema or --vae mse (or a VAE folder)"
         fix = (f"this is a latent-space model: pass {vaes}" if codec.vae is None
@@ -240,10 +249,13 @@ def sample_images(model: nn.Module, process: NoiseProcess, codec: LatentCodec, l
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) images in [-1, 1] to (N, H, W, 3) uint8, exactly as the official DiT FID code converts.
+    """(N, C, H, W) images in [-1, 1] to (N, H, W, 3) uint8, exactly as the official DiT FID code converts.
 
-    Note +128 (not 127.5) and truncation: the reference numbers were computed this way.
+    Note +128 (not 127.5) and truncation: the reference numbers were computed this way. The ADM format holds
+    RGB, so a grayscale model's images (C = 1) are repeated over the three channels (the evaluator's
+    grayscale feature extractors read them back unchanged: equal channels have that luma).
     """
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
     return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -301,7 +313,8 @@ def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProc
                                       num_heads=args.num_heads, vae=args.vae, device=rt.env.device, logger=rt.logger)
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
-                                    options=sampler_options(args), cfg_scale=guidance_scale(args, loaded),
+                                    options=sampler_options(args), data_shape=unwrap(loaded.model).data_shape,
+                                    cfg_scale=guidance_scale(args, loaded),
                                     guide_all_channels=args.guide_all_channels, precision=rt.precision)
     return loaded, process, codec, spec
 
@@ -321,8 +334,7 @@ def run_sample(args: SampleGridOptions) -> Path:
         out = Path(args.out) if args.out else Path("outputs/samples") / f"{run_name(args.ckpt, spec, args.seed)}.png"
         check_outputs({"--out": out}, {"--ckpt": args.ckpt})
         rt.logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on "
-                       f"{rt.env.device.type}: {spec.sampler}, {spec.num_steps} steps, cfg {spec.cfg_scale:g}, "
-                       f"{spec.precision}, vae {codec.name}")
+                       f"{rt.env.device.type}: {spec.describe()}, vae {codec.name}")
         images = sample_images(loaded.model, process, codec, torch.tensor(labels, device=rt.env.device),
                                image_seeds(args.seed, range(len(labels))), spec, progress=True)
         nfe = getattr(process, "last_nfe", None)
@@ -537,8 +549,8 @@ def run_sample_ddp(args: SampleSetOptions) -> Path:
         check_outputs({"--npz": npz_path, "--npz (its protocol .json)": npz_path.with_suffix(".json")}, inputs,
                       folders={"--sample-dir (run folder)": run_dir})
         rt.log_to(run_dir)
-        rt.logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.sampler}, {spec.num_steps} steps, cfg "
-                       f"{spec.cfg_scale:g}, {spec.precision}, vae {codec.name}, {rt.env.device.type}")
+        rt.logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.describe()}, vae {codec.name}, "
+                       f"{rt.env.device.type}")
         generate_fid_samples(loaded, process, codec, spec, env=rt.env, seed=args.global_seed,
                              num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size, run_dir=run_dir,
                              npz_path=npz_path, tf32=args.tf32, save_png=args.save_png, logger=rt.logger)

@@ -28,7 +28,7 @@ from .paths import check_outputs
 from .precision import autocast
 from .pruning import save_pruned
 from .runtime import Runtime, bootstrap
-from .training import check_data_fits
+from .training import adopt_data_codec, check_data_fits
 
 CRITERIA = ("bi", "loss", "random")
 
@@ -214,6 +214,7 @@ def _calibrated_scores(args: ScorePruningOptions, source: LoadedModel, rt: Runti
     env = rt.env
     dataset = FeatureDataset(args.data_path)
     check_data_fits(source.model, dataset)
+    adopt_data_codec(source, dataset, rt.logger)
     model = source.model.to(env.device).eval()
     process = create_process(source.process)
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank=env.rank, world_size=env.world_size,

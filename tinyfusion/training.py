@@ -184,6 +184,19 @@ def dataset_codec(dataset: FeatureDataset) -> dict | None:
     return codec_record(source["vae"], source.get("scaling_factor", 1.0))
 
 
+def adopt_data_codec(loaded: LoadedModel, dataset: FeatureDataset, logger: logging.Logger | None = None) -> None:
+    """Makes `loaded` record the codec of the features it meets (what extract_features.py recorded), so that
+    every run writes the codec of the data it trained on: a bare state dict gains one (1-channel pixels
+    included), and a file recorded with another codec of the same shape (SD-VAE ema against mse) says so."""
+    data = dataset_codec(dataset)
+    if data is None:
+        return
+    if logger is not None and loaded.codec is not None and loaded.codec != data:
+        logger.info(f"codec: the model recorded {loaded.codec['vae']}, the features at {dataset.root} were made with "
+                    f"{data['vae']}; this run records the features' codec")
+    loaded.codec = data
+
+
 def model_for_training(args: TrainingOptions, dataset: FeatureDataset, logger: logging.Logger) -> LoadedModel:
     """The model to train: from --load-weight (any checkpoint), or a registry --model from scratch."""
     if args.load_weight:
@@ -203,8 +216,7 @@ def model_for_training(args: TrainingOptions, dataset: FeatureDataset, logger: l
         raise UserError("give --load-weight (a checkpoint to start from) or --model (a registry model to train "
                          "from scratch)")
     check_data_fits(loaded.model, dataset)
-    if loaded.codec is None:
-        loaded.codec = dataset_codec(dataset)
+    adopt_data_codec(loaded, dataset, logger)
     return loaded
 
 
@@ -233,6 +245,35 @@ class DiffusionTask(Task):
         return {k: v.mean() for k, v in terms.items()}
 
 
+def train_and_save(args: TrainOptions, run: Run, loaded: LoadedModel, model: nn.Module, task: Task,
+                   process: NoiseProcess, steps: int, script: str, *, settings: dict | None = None,
+                   extra: dict | None = None) -> None:
+    """The end of train.py and train_masked_kd.py: the one training loop (tinyfusion.engine) over the trainable
+    parameters of `model`, then, on rank 0, the model and its EMA written to --save-model as `loaded` describes it
+    (process, codec, lineage); every rank then waits at a barrier.
+
+    Args:
+        loaded: what `model` was loaded as (its record goes into every checkpoint and the saved file).
+        model: the model to train, on the run's device.
+        script: the script's name, recorded in the files.
+        settings: resolved settings beyond the options (e.g. the layer map), compared on resume.
+        extra: what the saved file records beyond the script, the steps and the starting point.
+    """
+    trainer = Trainer(
+        env=run.env, model=model, param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
+        task=task, dataset=run.dataset, config=train_config(args, run, steps), process=process,
+        settings=run_settings(args, precision=run.precision, **(settings or {})), logger=run.logger,
+        record=lambda: checkpoint_record(loaded, script))
+    ema = trainer.fit()
+    if args.save_model and run.env.is_main:
+        save_model(args.save_model, model, ema=ema, process=loaded.process, codec=loaded.codec,
+                   lineage=loaded.lineage,
+                   extra={"script": script, "steps": steps, **(extra or {}),
+                          "initialised_from": loaded.path or "scratch"})
+        run.logger.info(f"saved {args.save_model}")
+    barrier()
+
+
 def run_train(args: TrainOptions) -> None:
     """train.py: fine-tune a (pruned) model, or train one from scratch, on a feature dataset."""
     name = Path(args.load_weight).stem if args.load_weight else (args.model or "model").replace("/", "-")
@@ -246,15 +287,4 @@ def run_train(args: TrainOptions) -> None:
         steps = total_steps(args, run.dataset)
         run.logger.info(f"{parameter_count(model):,} parameters; {steps} steps; {process.name} process "
                         f"({process.time_domain().describe()})")
-        trainer = Trainer(
-            env=run.env, model=model, param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
-            task=DiffusionTask(process), dataset=run.dataset, config=train_config(args, run, steps), process=process,
-            settings=run_settings(args, precision=run.precision), logger=run.logger,
-            record=lambda: checkpoint_record(loaded, "train.py"))
-        ema = trainer.fit()
-        if args.save_model and run.env.is_main:
-            save_model(args.save_model, model, ema=ema, process=loaded.process, codec=loaded.codec,
-                       lineage=loaded.lineage,
-                       extra={"script": "train.py", "steps": steps, "initialised_from": loaded.path or "scratch"})
-            run.logger.info(f"saved {args.save_model}")
-        barrier()
+        train_and_save(args, run, loaded, model, DiffusionTask(process), process, steps, "train.py")

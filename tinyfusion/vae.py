@@ -18,6 +18,7 @@ import torch.nn as nn
 from .errors import UserError
 
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+PIXEL_CHANNELS = (1, 3)  # a pixel-space model sees grayscale or RGB images
 
 
 class LatentCodec(nn.Module):
@@ -140,7 +141,7 @@ def resolve_codec(flag: str | None, recorded: dict | None, in_channels: int) -> 
     """The --vae spec to sample a model with, and why: the flag, else the file's record, else DiT's default.
 
     A file that records no codec (official weights, older toolkit files) is read by its input channels:
-    4 are SD-VAE latents ("ema", as DiT's sample.py), 16 KL-16 latents (MAR), 3 pixels.
+    4 are SD-VAE latents ("ema", as DiT's sample.py), 16 KL-16 latents (MAR), 3 or 1 pixels (RGB or gray).
     Raises:
         UserError: no flag, no record, and an input width that names no codec.
     """
@@ -148,8 +149,8 @@ def resolve_codec(flag: str | None, recorded: dict | None, in_channels: int) -> 
         return flag, "--vae"
     if recorded is not None:
         return recorded["vae"], "recorded in the checkpoint"
-    if in_channels == 3:
-        return "none", "3 input channels: pixels (the checkpoint records no codec)"
+    if in_channels in PIXEL_CHANNELS:
+        return "none", f"{in_channels} input channel(s): pixels (the checkpoint records no codec)"
     if in_channels == 4:
         return "ema", "4 input channels: SD-VAE latents, as DiT (the checkpoint records no codec)"
     if in_channels == 16:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,22 @@ def write_features(root: Path, latents, labels, num_classes: int) -> Path:
     return root
 
 
+def train_teacher(root: Path, start, max_steps: int, codec: dict | None = None) -> dict:
+    """A tiny teacher trained from the model `start` by train.py (as users run it) on 128 images of 10 class
+    patterns (`tinyfusion.synthetic`, seed 0) of the model's input shape: batch 16, lr 3e-3, a loss logged every
+    20 steps. `codec` is the start file's (e.g. {"vae": "none", "scaling_factor": 1.0}; None: the default).
+
+    Returns a dict with the folder ("root"), the features ("data"), the teacher file ("teacher") and the
+    logged losses ("losses").
+    """
+    from tinyfusion.checkpoint import save_model
+    from tinyfusion.synthetic import class_pattern_latents
+
+    latents, labels = class_pattern_latents(128, tuple(start.data_shape))
+    data = write_features(root / "features", latents, labels, 10)
+    save_model(root / "start.pt", start, codec=codec)
+    run_cli(["train.py", "--load-weight", str(root / "start.pt"), "--data-path", str(data), "--results-dir", str(root),
+             "--prefix", "teacher", "--global-batch-size", "16", "--num-workers", "0", "--max-steps", str(max_steps),
+             "--lr", "3e-3", "--log-every", "20", "--save-model", str(root / "teacher.pt")])
+    losses = [json.loads(line)["loss"] for line in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    return {"root": root, "data": data, "teacher": root / "teacher.pt", "losses": losses}

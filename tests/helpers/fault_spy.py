@@ -6,9 +6,12 @@ POINT is where the process dies (a power cut, an OOM kill, a node lost):
 - step: at the start of optimisation step STEP;
 - ckpt-write: halfway through writing the checkpoint of step STEP (its temporary file);
 - manifest: after the checkpoint file of step STEP is in place, before the manifest lists it;
-- log: halfway through the metrics line of step STEP.
+- log: halfway through the metrics line of step STEP;
+- enospc: not a kill: the disk fills up halfway through the checkpoint of step STEP (its file's writes
+  fail with ENOSPC from then on, as a full file system's do), and the run goes on to report it.
 """
 
+import errno
 import io
 import os
 import signal
@@ -19,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tinyfusion.checkpoint as checkpoint  # noqa: E402
 import tinyfusion.engine as engine  # noqa: E402
+import tinyfusion.fileio as fileio  # noqa: E402
 import train  # noqa: E402
+from tinyfusion.cli import run_script  # noqa: E402
 
 
 def die():
@@ -69,6 +74,51 @@ def install(point: str, step: int) -> None:
                 die()
             return original_log(self, window, writer)
         engine.Trainer._log = _log
+    elif point == "enospc":
+        original_write, real_os = checkpoint.atomic_write, fileio.os
+        full = {"now": False}
+
+        class FullDisk(io.RawIOBase):
+            """The temporary file of the checkpoint: 4 KiB fit, then every write fails with ENOSPC."""
+
+            def __init__(self, fd):
+                super().__init__()
+                self.file, self.room = real_os.fdopen(fd, "wb", buffering=0), 4096
+
+            def writable(self):
+                return True
+
+            def write(self, data):
+                if len(data) > self.room:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.room -= len(data)
+                return self.file.write(data)
+
+            def fileno(self):
+                return self.file.fileno()
+
+            def close(self):
+                self.file.close()
+                super().close()
+
+        class OsOfAFullDisk:
+            def __getattr__(self, name):
+                return getattr(real_os, name)
+
+            @staticmethod
+            def fdopen(fd, mode="r", *args, **kwargs):
+                if full["now"]:
+                    return io.BufferedWriter(FullDisk(fd))
+                return real_os.fdopen(fd, mode, *args, **kwargs)
+
+        def atomic_write(path, write):
+            full["now"] = Path(path).name == f"step-{step:07d}.pt"
+            try:
+                return original_write(path, write)
+            finally:
+                full["now"] = False
+        fileio.os = OsOfAFullDisk()
+        checkpoint.atomic_write = atomic_write
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 
@@ -76,4 +126,5 @@ def install(point: str, step: int) -> None:
 if __name__ == "__main__":
     where, at = sys.argv[1].split(":")
     install(where, int(at))
-    train.main(train.parse_args(sys.argv[2:]))
+    sys.argv = [train.__file__, *sys.argv[2:]]  # the script's name in its messages is train.py's
+    run_script(train.main, train.parse_args)
