@@ -1,7 +1,7 @@
 r"""The whole TinyFusion pipeline on a built-in dataset, on a CPU, in one command.
 
 Usage:
-    python quickstart.py                 # about 22 minutes on 2 CPU cores (README: measured)
+    python quickstart.py                 # about 40 minutes on 2 CPU cores (README: measured)
     python quickstart.py --fast          # about 2 minutes: every stage, tiny budgets (for tests)
     python quickstart.py --data-path my_images --image-size 16   # your own image folder
 
