@@ -45,7 +45,7 @@ from models import (
 )
 from processes import create_process
 
-from .errors import RunFailed, UserError
+from .errors import AmbiguousWeights, RunFailed, UserError
 from .fileio import atomic_write
 from .paths import file_sha256
 
@@ -379,6 +379,8 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     if arch is not None:
         try:
             return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
+        except AmbiguousWeights:
+            raise
         except UserError as e:
             raise UserError(f"--model names a {arch}, but {path} does not hold one ({e}); pass the --model of the "
                              "family the file holds") from None
@@ -386,6 +388,8 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     for name, cls in ARCHITECTURES.items():
         try:
             fits[name] = cls.config_from_state_dict(state_dict, num_heads)
+        except AmbiguousWeights:
+            raise  # the layout is this family's, but the weights cannot rebuild the model
         except UserError as e:
             errors.append(str(e))
     if len(fits) == 1:
