@@ -14,7 +14,7 @@ alone is removed; random: seeded. The least important blocks are pruned; --prote
 from tinyfusion.args import Parser, add_model_args, add_runtime_args, positive_int, to_options
 from tinyfusion.cli import run_script
 from tinyfusion.options import ScorePruningOptions
-from tinyfusion.scores import CRITERIA, run_prune_by_score
+from tinyfusion.pruning import CRITERIA, run_prune_by_score
 
 
 def parse_args(argv=None):

@@ -18,17 +18,17 @@ import torch.nn.functional as F
 from models import BlockRecorder, flat_blocks, stack_depths, total_depth
 from processes import NoiseProcess, create_process
 
-from .checkpoint import LoadedModel, load_model
-from .distributed import all_reduce_sum, barrier
-from .engine import step_draws
-from .errors import UserError
-from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
-from .options import ScorePruningOptions
-from .paths import check_outputs
-from .precision import autocast
-from .pruning import save_pruned
-from .runtime import Runtime, bootstrap
-from .training import adopt_data_codec, check_data_fits
+from ..checkpoint import LoadedModel, load_model
+from ..distributed import all_reduce_sum, barrier
+from ..engine import step_draws
+from ..errors import UserError
+from ..features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
+from ..options import ScorePruningOptions
+from ..paths import check_outputs
+from ..precision import autocast
+from ..runtime import Runtime, bootstrap
+from ..training import adopt_data_codec, check_data_fits
+from .saving import save_pruned
 
 CRITERIA = ("bi", "loss", "random")
 
