@@ -104,8 +104,9 @@ def width_stack_keys(model: nn.Module) -> dict[str, str]:
     missing = [name for name, key in keys.items() if not key]
     if missing:
         raise UserError(f"width pruning cuts blocks whose per-block widths the config records (DiT, SiT); a "
-                         f"{inner.arch}'s stack {missing[0]!r} records none (its blocks are built at one width), so "
-                         "its pruned heads could not be rebuilt: prune its depth instead")
+                         f"{inner.arch}'s stack {missing[0]!r} records none: its blocks are built at one width (MAR: "
+                         "timm blocks, and the surgery does not cover its diffusion head), so a narrowed model could "
+                         "not be rebuilt from its file; prune its depth instead")
     return keys
 
 

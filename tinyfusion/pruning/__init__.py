@@ -30,10 +30,25 @@ from .learned import (
     run_prune_by_learning,
 )
 from .saving import save_pruned
+from .width import (
+    TAYLOR_THRESHOLD,
+    WIDTH_CRITERIA,
+    TimestepWalk,
+    UnitScores,
+    accumulate_taylor_gradients,
+    magnitude_scores,
+    random_unit_scores,
+    select_units,
+    taylor_scores,
+    walk_timesteps,
+    width_decision,
+)
 
 __all__ = [
-    "CRITERIA", "GATE_EMA_WINDOW", "LearnedPruningTask", "block_influence", "first_k_indices", "format_score_table",
-    "gate_ema_decay", "kept_from_pruned", "linear_anneal", "loss_sensitivity", "oracle_indices", "plot_decisions",
-    "random_scores", "read_decision_history", "run_prune_by_index", "run_prune_by_learning", "run_prune_by_score",
-    "save_pruned", "select_kept", "select_kept_per_stack", "stack_targets",
+    "CRITERIA", "GATE_EMA_WINDOW", "LearnedPruningTask", "TAYLOR_THRESHOLD", "TimestepWalk", "UnitScores",
+    "WIDTH_CRITERIA", "accumulate_taylor_gradients", "block_influence", "first_k_indices", "format_score_table",
+    "gate_ema_decay", "kept_from_pruned", "linear_anneal", "loss_sensitivity", "magnitude_scores", "oracle_indices",
+    "plot_decisions", "random_scores", "random_unit_scores", "read_decision_history", "run_prune_by_index",
+    "run_prune_by_learning", "run_prune_by_score", "save_pruned", "select_kept", "select_kept_per_stack",
+    "select_units", "stack_targets", "taylor_scores", "walk_timesteps", "width_decision",
 ]
