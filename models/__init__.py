@@ -38,8 +38,10 @@ from .surgery import (
     compose_kept_indices,
     compose_kept_units,
     layer_map,
+    prunable_layers,
     prune_depth,
     prune_width,
+    unit_sums,
     validate_kept_indices,
     width_stack_keys,
 )
@@ -81,7 +83,7 @@ __all__ = [
     "LayerGates", "MODELS", "block_stacks", "block_units", "build_architecture", "compose_kept_indices",
     "compose_kept_units", "create_model",
     "flat_blocks", "format_groups", "join_indices", "split_indices", "kept_depth", "layer_map", "parse_groups",
-    "parse_stack_groups",
-    "parse_stack_indices", "plain_names", "prune_depth", "prune_width", "register_family", "registry_spec",
-    "stack_depths", "total_depth", "unwrap", "validate_kept_indices", "width_stack_keys",
+    "parse_stack_groups", "parse_stack_indices", "plain_names", "prunable_layers", "prune_depth", "prune_width",
+    "register_family", "registry_spec", "stack_depths", "total_depth", "unit_sums", "unwrap", "validate_kept_indices",
+    "width_stack_keys",
 ]

@@ -8,7 +8,7 @@ and the config's depth and per-block widths follow, so the result's file rebuild
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -113,6 +113,23 @@ def width_stack_keys(model: nn.Module) -> dict[str, str]:
 def block_units(model: nn.Module) -> list[tuple[int, int]]:
     """(attention heads, MLP hidden channels) of every flat block."""
     return [(block.attn.num_heads, block.mlp.fc1.out_features) for block in flat_blocks(model)]
+
+
+def prunable_layers(block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """The four layers width surgery cuts in a block: qkv (rows), proj (columns), fc1 (rows), fc2 (columns)."""
+    return block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+
+
+def unit_sums(block: nn.Module, values: Callable[[nn.Linear], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (H,) and per-channel (C,) sums, in float64, of `values(layer)` (a tensor shaped like the layer's
+    weight: |w * g|, w^2) over the weights each unit owns: a head's q, k and v rows and output-projection
+    columns, a channel's fc1 row and fc2 column (biases not counted)."""
+    qkv, proj, fc1, fc2 = prunable_layers(block)
+    heads, head_dim = block.attn.num_heads, block.attn.head_dim
+    per_head = values(qkv).double().sum(dim=1).reshape(3, heads, head_dim).sum(dim=(0, 2))  # q, k, v rows: (H,)
+    per_head = per_head + values(proj).double().sum(dim=0).reshape(heads, head_dim).sum(dim=1)  # columns: (H,)
+    per_channel = values(fc1).double().sum(dim=1) + values(fc2).double().sum(dim=0)  # (C,)
+    return per_head, per_channel
 
 
 def _validate_units(kept: Sequence[int], total: int, what: str, block: int) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from models import block_units, flat_blocks, prune_depth, total_depth, unwrap
+from models import block_units, flat_blocks, prunable_layers, prune_depth, total_depth, unit_sums, unwrap
 from processes import NoiseProcess
 
 from ..checkpoint import LoadedModel
@@ -45,22 +45,6 @@ class UnitScores:
 
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
-
-
-def prunable_layers(block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """The four layers width surgery cuts in a block: qkv (rows), proj (columns), fc1 (rows), fc2 (columns)."""
-    return block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
-
-
-def unit_sums(block: nn.Module, values: Callable[[nn.Linear], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (H,) and per-channel (C,) sums of `values(layer)`, a tensor shaped like the layer's weight, over
-    the weights each unit owns."""
-    qkv, proj, fc1, fc2 = prunable_layers(block)
-    heads, head_dim = block.attn.num_heads, block.attn.head_dim
-    per_head = values(qkv).double().sum(dim=1).reshape(3, heads, head_dim).sum(dim=(0, 2))  # q, k, v rows: (H,)
-    per_head = per_head + values(proj).double().sum(dim=0).reshape(heads, head_dim).sum(dim=1)  # columns: (H,)
-    per_channel = values(fc1).double().sum(dim=1) + values(fc2).double().sum(dim=0)  # (C,)
-    return per_head, per_channel
 
 
 def normalized(scores: torch.Tensor) -> torch.Tensor:
