@@ -411,6 +411,24 @@ def test_global_width_pruning_gives_blocks_different_widths_that_later_stages_lo
     assert pruned.lineage["width"] == {"criterion": "magnitude", "ratio": 0.5, "global": True}
     assert "timesteps" not in scores["width"]
     _check_later_stages_load(official, tmp_path / "g.pt", tmp_path)
+    # the other stages too: fine-tuning, learned depth pruning and an FID sample set
+    from helpers import run_cli
+
+    common = ["--data-path", str(official["data"]), "--results-dir", str(tmp_path), "--global-batch-size", "8",
+              "--num-workers", "0", "--max-steps", "1", "--device", "cpu"]
+    run_cli(["train.py", "--load-weight", str(tmp_path / "g.pt"), "--prefix", "ft", *common, "--save-model",
+             str(tmp_path / "ft.pt")])
+    assert load_model(tmp_path / "ft.pt").config == pruned.config
+    run_cli(["prune_by_learning.py", "--load-weight", str(tmp_path / "g.pt"), "--groups", "2x1:2", "--prefix", "pl",
+             *common, "--save-model", str(tmp_path / "pl.pt")])
+    learned = load_model(tmp_path / "pl.pt")
+    kept = learned.lineage["kept_indices"]
+    assert learned.config["block_widths"] == [widths[i] for i in kept]
+    assert learned.lineage["kept_heads"] == [pruned.lineage["kept_heads"][i] for i in kept]
+    run_cli(["sample_ddp.py", "--ckpt", str(tmp_path / "g.pt"), "--num-sampling-steps", "3", "--vae", "none",
+             "--device", "cpu", "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--sample-dir",
+             str(tmp_path / "samples"), "--npz", str(tmp_path / "g.npz")])
+    assert (tmp_path / "g.npz").is_file()
 
 
 def test_depth_then_width_in_one_call(official, tmp_path):
