@@ -466,3 +466,23 @@ def test_width_pruning_a_mar_is_a_one_line_error(tmp_path):
     proc = run_cli(["prune_by_score.py", "--ckpt", str(tmp_path / "mar.pt"), "--width-ratio", "0.5",
                     "--width-criterion", "magnitude", "--save-model", str(tmp_path / "p.pt")], check=False)
     assert proc.returncode == 2 and "records none" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_taylor_width_pruning_is_the_same_on_one_and_two_processes(official, tmp_path):
+    import json
+
+    from helpers import run_cli
+
+    records = []
+    for nproc in (1, 2):
+        out = tmp_path / f"w{nproc}.pt"
+        run_cli(["prune_by_score.py", "--model", "DiT", "--num-heads", "4", "--ckpt", str(official["ckpt"]),
+                 "--data-path", str(official["data"]), "--batch-size", "16", "--width-ratio", "0.5", "--global-width",
+                 "--taylor-threshold", "0.5", "--device", "cpu", "--save-model", str(out)], nproc=nproc)
+        records.append(json.loads(out.with_suffix(".scores.json").read_text())["width"])
+    one, two = records
+    assert one["timesteps"] == two["timesteps"] and one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    for key in ("head_scores", "channel_scores"):
+        for a, b in zip(one[key], two[key]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert one["kept_heads"] == two["kept_heads"]
