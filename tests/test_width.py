@@ -486,3 +486,14 @@ def test_taylor_width_pruning_is_the_same_on_one_and_two_processes(official, tmp
         for a, b in zip(one[key], two[key]):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     assert one["kept_heads"] == two["kept_heads"]
+
+
+def test_the_forward_benchmark_times_width_pruned_registry_models():
+    from benchmarks.harness import bench_model, forward_call
+
+    bm = bench_model("DiT-Nano/2@width=0.5", 4, torch.device("cpu"))
+    assert bm.config["block_widths"] == [{"num_heads": 2, "head_dim": 16, "mlp_hidden": 128}] * 8
+    with torch.no_grad():
+        forward_call(bm, 1, torch.device("cpu"))()
+    with pytest.raises(UserError, match="between 0 and 1"):
+        bench_model("DiT-Nano/2@width=1.5", 4, torch.device("cpu"))
