@@ -3,11 +3,17 @@ r"""Forward latency, throughput and peak memory of registry models or checkpoint
 Usage (from the repository root):
     python -m benchmarks.forward --models DiT-XL/2 DiT-D19/2 DiT-D14/2 DiT-D7/2 --batch-sizes 8 \
         --precisions fp32 bf16 --out results/bench_forward.json
+    python -m benchmarks.forward --models DiT-XL/2 DiT-D14/2 DiT-XL/2@width=0.5 DiT-XL/2@width=0.75 \
+        --batch-sizes 8 --precisions fp32 bf16
     python -m benchmarks.forward --models outputs/pruned/DiT-D14-Learned.pt --num-sampling-steps 50 --cfg-scale 1.5
 
-Registry models get random weights (speed does not depend on them). The first model is the
-baseline of the speedup columns; "ideal" is its FLOPs over the model's. With --compare-diffusers,
-diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2's configuration.
+Registry models get random weights (speed does not depend on them); NAME@width=R is NAME with the fraction R
+of every block's attention heads and MLP channels removed (width pruning: prune_by_score.py --width-ratio R).
+DiT-XL/2@width=0.5 has about DiT-D14/2's FLOPs (half of DiT-XL/2's) and DiT-XL/2@width=0.75 its 340M
+parameters: the adaLN modulation, which width pruning keeps, holds a third of the parameters and almost none of
+the FLOPs. The first model is the baseline of the speedup columns; "ideal" is its FLOPs over the model's. With
+--compare-diffusers, diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2's
+configuration.
 """
 
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
@@ -20,7 +26,7 @@ from tinyfusion.precision import PRECISIONS
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
-                        help="registry names or checkpoint files")
+                        help="registry names, NAME@width=R (width-pruned, see above) or checkpoint files")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--precisions", choices=PRECISIONS, nargs="+", default=["fp32"])
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")

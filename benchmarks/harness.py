@@ -27,7 +27,16 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import GatedModel, build_architecture, create_model, prune_depth, total_depth, unwrap
+from models import (
+    GatedModel,
+    block_units,
+    build_architecture,
+    create_model,
+    prune_depth,
+    prune_width,
+    total_depth,
+    unwrap,
+)
 from processes import NoiseProcess, create_process
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
@@ -40,6 +49,7 @@ from tinyfusion.lora import add_lora, trainable_fraction
 from tinyfusion.paths import check_outputs
 from tinyfusion.precision import autocast
 from tinyfusion.pruning import LearnedPruningTask
+from tinyfusion.pruning.width import units_removed
 from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
 from tinyfusion.training import DiffusionTask, parameter_count
 
@@ -136,17 +146,36 @@ def default_process_record(model: nn.Module) -> dict:
 
 
 def bench_model(spec: str, input_size: int, device: torch.device, num_classes: int = 1000) -> BenchModel:
-    """A registry name (random weights: speed does not depend on them) or a checkpoint path (timed on the
-    noise process the file records)."""
+    """A registry name (random weights: speed does not depend on them), a registry name narrowed by width pruning,
+    `NAME@width=R` (the fraction R of every block's heads and MLP channels removed, as prune_by_score.py
+    --width-ratio R does), or a checkpoint path (timed on the noise process the file records)."""
     if Path(spec).is_file():
         loaded: LoadedModel = load_model(spec)
         model, arch, config, process = loaded.model, loaded.arch, loaded.config, loaded.process
     else:
-        model = create_model(spec, input_size=input_size, num_classes=num_classes)
+        name, _, width = spec.partition("@width=")
+        model = create_model(name, input_size=input_size, num_classes=num_classes)
         if isinstance(model, GatedModel):
             raise UserError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
+        if width:
+            model = _narrowed(model, spec, width)
         arch, config, process = model.arch, dict(model.config), default_process_record(model)
     return BenchModel(spec, model.to(device).eval(), arch, config, process)
+
+
+def _narrowed(model: nn.Module, spec: str, width: str) -> nn.Module:
+    """`model` with the fraction `width` of every block's heads and MLP channels removed (the first ones kept: the
+    weights are random)."""
+    try:
+        ratio = float(width)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--models {spec}: write the width ratio as a number between 0 and 1, e.g. "
+                         "DiT-XL/2@width=0.5")
+    units = block_units(model)
+    return prune_width(model, [range(h - units_removed(h, ratio)) for h, _ in units],
+                       [range(c - units_removed(c, ratio)) for _, c in units])
 
 
 def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Callable[[], object]:

@@ -33,7 +33,18 @@ from .stacks import (
     total_depth,
     unwrap,
 )
-from .surgery import compose_kept_indices, layer_map, prune_depth, validate_kept_indices
+from .surgery import (
+    block_units,
+    compose_kept_indices,
+    compose_kept_units,
+    layer_map,
+    prunable_layers,
+    prune_depth,
+    prune_width,
+    unit_sums,
+    validate_kept_indices,
+    width_stack_keys,
+)
 
 # The reference presets of TinyFusion: base model and N:M groups.
 register_family(DiT, DiT_models, {
@@ -69,9 +80,10 @@ for _registry in (DiT_models, SiT_models, MAR_models):
 __all__ = [
     "ARCHITECTURES", "BlockRecorder", "DiT", "DiT_models", "GATED_PRESETS", "GatedModel", "KNOWN_NUM_HEADS",
     "MAR", "MAR_models", "OFFICIAL_NAMES", "SiT", "SiT_models",
-    "LayerGates", "MODELS", "block_stacks", "build_architecture", "compose_kept_indices", "create_model",
+    "LayerGates", "MODELS", "block_stacks", "block_units", "build_architecture", "compose_kept_indices",
+    "compose_kept_units", "create_model",
     "flat_blocks", "format_groups", "join_indices", "split_indices", "kept_depth", "layer_map", "parse_groups",
-    "parse_stack_groups",
-    "parse_stack_indices", "plain_names", "prune_depth", "register_family", "registry_spec", "stack_depths",
-    "total_depth", "unwrap", "validate_kept_indices",
+    "parse_stack_groups", "parse_stack_indices", "plain_names", "prunable_layers", "prune_depth", "prune_width",
+    "register_family", "registry_spec", "stack_depths", "total_depth", "unit_sums", "unwrap", "validate_kept_indices",
+    "width_stack_keys",
 ]

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tinyfusion.errors import UserError
+from tinyfusion.errors import AmbiguousWeights, UserError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -277,6 +277,7 @@ class DiT(nn.Module):
         registry's widths (official: 384: 6, 768: 12, 1024 and 1152: 16; small: 64: 4, 192: 3).
         Raises:
             UserError: a state dict that is not of this layout, or an unknown width and no head count.
+            AmbiguousWeights: attention widths that differ per block (a width-pruned model's bare weights).
         """
         required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
                     "final_layer.linear.weight", "blocks.0.attn.qkv.weight"]
@@ -293,9 +294,14 @@ class DiT(nn.Module):
             if num_heads is None:
                 raise UserError(f"a {cls.arch} of width {hidden_size} is not an official size, and the head count "
                                  "cannot be read from the weights: pass it with --num-heads")
+        attn_widths = [state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3 for i in range(depth)]
+        if len(set(attn_widths)) > 1:
+            raise AmbiguousWeights(
+                f"these {cls.arch} weights have attention widths {attn_widths} per block: a bare state dict whose "
+                "widths differ per block cannot describe its heads (a block's head count is not in its shapes); load "
+                "the file that pruning wrote, which records every block's widths")
         widths = []
-        for i in range(depth):
-            attn_width = state_dict[f"blocks.{i}.attn.qkv.weight"].shape[0] // 3
+        for i, attn_width in enumerate(attn_widths):
             if attn_width % num_heads:
                 raise UserError(f"block {i} has an attention width of {attn_width}, not divisible by {num_heads} "
                                  "heads: pass the right --num-heads")

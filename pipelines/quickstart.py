@@ -2,7 +2,8 @@
 
 A stand-in for the real job that runs on a laptop CPU: scikit-learn's 8x8 handwritten digits
 (or a user's image folder) in pixel space, a small DiT trained from scratch as the "pretrained"
-teacher, pruning to half depth by every method of the toolkit, the same recovery budget for each,
+teacher, pruning to half depth by every depth method of the toolkit and to half of every block's heads and
+MLP channels by Diff-Pruning (DiT, SiT), the same recovery budget for each,
 sampling and scoring. Inception features mean nothing on 8x8 digits, so FID is computed in the
 feature space of a small digits classifier and labelled as such; the two halves of the real
 digits scored against each other give the floor.
@@ -48,8 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 # multiplies the small head's noise error by about 650; with 250 steps by far less (FID 3.9). The steps
 # cost little next to the iterations: a small MLP on one token.
 FAMILIES = {
-    "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"]},
-    "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"]},
+    "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"], "width": True},
+    "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"], "width": True},
     "mar": {"teacher": "MAR-Nano", "sampler": ["--sampler", "mar", "--num-iter", "8"], "sampling_steps": 250},
 }
 
@@ -96,10 +97,16 @@ FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, r
 # 1:2" chooses one block of each pair; "learned 4:8" chooses any half of the blocks, as the
 # score baselines do.
 METHODS = ("learned-1-2", "learned-4-8", "bi", "loss", "oracle", "random")
+# Width pruning beside them, for the families whose blocks it cuts (DiT, SiT): Diff-Pruning's Taylor criterion
+# removes half of every block's heads and MLP channels, about half of the blocks' parameters, and gets the same
+# recovery budget.
+WIDTH_METHODS = ("diff-pruning",)
+WIDTH_RATIO = 0.5
 METHOD_LABELS = {
     "learned-1-2": "TinyFusion, 1:2 groups, full weight updates",
     "learned-4-8": "TinyFusion, one group over all blocks, full weight updates",
     "bi": "ShortGPT block influence", "loss": "loss sensitivity", "oracle": "BK-SDM oracle", "random": "random",
+    "diff-pruning": "Diff-Pruning (Taylor over timesteps), half of every block's heads and MLP channels",
 }
 
 
@@ -192,6 +199,8 @@ class Quickstart:
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
         self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
         self.exhaustive = exhaustive
+        # The rows' methods: depth pruning to half the blocks, and width pruning where the family allows it.
+        self.methods = METHODS + (WIDTH_METHODS if FAMILIES[family].get("width") else ())
         self.data_path, self.image_size = data_path, image_size
         # Wall time of each step, kept across runs: a rerun that reuses the teacher still reports its time.
         self.times_file = self.out / "step_seconds.json"
@@ -278,8 +287,9 @@ class Quickstart:
         learned = [m for m in [*METHODS, *ablations] if m.startswith(("learned", "ablation"))]
         other_seeds = [self.seed + k for k in range(1, self.budget.decision_seeds)]
         teacher_seeds = [self.seed + k for k in range(1, self.budget.fid_seeds)]
-        steps = (3 + 1 + len(METHODS) + len(ablations) + len(learned) * len(other_seeds) + (len(METHODS) + 2)
-                 + (2 * len(METHODS) + 3 + len(teacher_seeds)) + 2)
+        methods = self.methods
+        steps = (3 + 1 + len(methods) + len(ablations) + len(learned) * len(other_seeds) + (len(methods) + 2)
+                 + (2 * len(methods) + 3 + len(teacher_seeds)) + 2)
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_folder()
         self.started = time.time()
@@ -290,20 +300,20 @@ class Quickstart:
             self.depth = sum(self.stacks.values())
             if self.exhaustive:
                 self._bar.total += 3 * len(one_of_each_pair(self.depth))
-            pruned = dict(zip([*METHODS, *ablations],
-                              self.together([partial(self.prune, m, teacher) for m in [*METHODS, *ablations]])))
+            pruned = dict(zip([*methods, *ablations],
+                              self.together([partial(self.prune, m, teacher) for m in [*methods, *ablations]])))
             # Every learned decision again with other seeds (decisions only): what holds across them is reported.
             reseeded = [(m, seed) for m in learned for seed in other_seeds]
             decisions = {m: [(self.seed, pruned[m])] for m in learned}
             for (m, seed), path in zip(reseeded, self.together([partial(self.prune, m, teacher, seed)
                                                                 for m, seed in reseeded])):
                 decisions[m].append((seed, path))
-            recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in METHODS}
+            recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in methods}
             recovery["learned-1-2+ft"] = partial(self.finetune, "learned-1-2", pruned["learned-1-2"])
             recovery["teacher+train"] = partial(self.ceiling, teacher)
             recovered = dict(zip(recovery, self.together(list(recovery.values()))))
             models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"),
-                      **{m: pruned[m] for m in METHODS}, **recovered}
+                      **{m: pruned[m] for m in methods}, **recovered}
             samples = dict(zip(models, self.together([partial(self.sample, n, c) for n, c in models.items()])))
             # The teacher sampled with other seeds: how far FID moves with the sampling noise alone.
             spread = {f"teacher-seed{seed}": partial(self.sample, f"teacher-seed{seed}", teacher, seed)
@@ -400,8 +410,8 @@ class Quickstart:
         return teacher
 
     def prune(self, method: str, teacher: Path, seed: int | None = None) -> Path:
-        """The half-depth model of `method`; a learned method with another `seed` (decision only) is written
-        beside the row's as METHOD-seedS."""
+        """The pruned model of `method` (half depth; half width for the width methods); a learned method with
+        another `seed` (decision only) is written beside the row's as METHOD-seedS."""
         b = self.budget
         name = method if seed in (None, self.seed) else f"{method}-seed{seed}"
         out = self.path("models", f"{name}.pt")
@@ -417,6 +427,12 @@ class Quickstart:
             self.script(f"prune-{name}", ["prune_by_learning.py", "--load-weight", str(teacher), "--groups", groups,
                                           *args, *flags, "--save-model", str(out)], distributed=True, output=out)
             shutil.copy(self.path("runs", f"prune-{name}", "decisions.png"), self.path(f"decisions-{name}.png"))
+        elif method in WIDTH_METHODS:
+            self.script(f"prune-{method}", ["prune_by_score.py", "--ckpt", str(teacher), "--width-ratio",
+                                            str(WIDTH_RATIO), "--width-criterion", "taylor", "--data-path",
+                                            str(self.path("data", "features")), "--batch-size", str(b.batch_size),
+                                            "--global-seed", str(self.seed), "--save-model", str(out)],
+                        distributed=True, output=out)
         elif method == "oracle":
             self.script("prune-oracle", ["prune_by_index.py", "--ckpt", str(teacher), "--preset", "oracle",
                                          "--save-model", str(out)], distributed=False, output=out)
@@ -482,7 +498,7 @@ class Quickstart:
         from tinyfusion.checkpoint import read_checkpoint
 
         by_architecture: dict[str, list[str]] = {}
-        for name in ("teacher", *METHODS):
+        for name in ("teacher", *self.methods):
             record = read_checkpoint(models[name])
             key = json.dumps([record["arch"], record["config"]], sort_keys=True)
             by_architecture.setdefault(key, []).append(name)
@@ -528,14 +544,15 @@ class Quickstart:
                     "latency_ms": lat, "speedup": teacher_latency / lat,
                     "fid_before": fid_of(base) if after else None, "fid_after": fid_of(after or base),
                     "kept": (loaded.lineage or {}).get("kept_indices"),
-                    "rank": rank((loaded.lineage or {}).get("kept_indices"), fid_of(after or base)) if after else None,
+                    "rank": rank((loaded.lineage or {}).get("kept_indices"), fid_of(after or base))
+                    if after and base in METHODS else None,
                     "seconds": sum(self.times.get(t, 0.0) for t in times)}
 
         rows.append(row("teacher", f"{self.teacher_model} from scratch, {self.budget.teacher_steps} steps", "teacher",
                         None, ["teacher"]))
         rows.append(row("teacher + recovery budget", "ceiling: the teacher trained as long as each recovery",
                         "teacher", "teacher+train", ["ceiling"]))
-        for m in METHODS:
+        for m in self.methods:
             rows.append(row(f"{m} + masked KD", METHOD_LABELS[m], m, f"{m}+kd", [f"prune-{m}", f"kd-{m}"]))
         rows.append(row("learned-1-2 + fine-tuning", METHOD_LABELS["learned-1-2"] + ", plain fine-tuning",
                         "learned-1-2", "learned-1-2+ft", ["prune-learned-1-2", "ft-learned-1-2"]))

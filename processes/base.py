@@ -114,6 +114,24 @@ class NoiseProcess(abc.ABC):
     def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
         """Per-sample (N,) distance between a student's and a teacher's predictions of one example."""
 
+    # ------------------------------------------------------------------ calibration over time
+
+    def calibration_times(self) -> torch.Tensor:
+        """The process's time grid in order from the data end: what a criterion that walks the timesteps one by
+        one visits (Diff-Pruning's Taylor loop, `tinyfusion.pruning.width`). (K,) times as the model takes them."""
+        raise UserError(f"the {self.name} process has no time grid to walk: a criterion over timesteps (--width-"
+                         "criterion taylor) does not apply to it")
+
+    def with_time(self, draws: Draws, t: torch.Tensor | float) -> Draws:
+        """`draws` with every example's time set to t (a point of `calibration_times`), the rest kept."""
+        raise UserError(f"the {self.name} process has no time grid to walk: a criterion over timesteps (--width-"
+                         "criterion taylor) does not apply to it")
+
+    def calibration_loss(self, prediction: Prediction, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Per-sample (N,) loss that a calibration differentiates (the Taylor criterion's); default: the
+        training loss."""
+        return self.losses(prediction, x, draws)["loss"]
+
     # ------------------------------------------------------------------ sampling
 
     def check_sampler(self, sampler: str, num_steps: int) -> None:

@@ -27,6 +27,9 @@ from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_pr
 
 # What `--sampling-method` may name for the ODE: torchdiffeq's methods, "heun" being its "heun2".
 ODE_METHOD_ALIASES = {"heun": "heun2"}
+# The time grid a criterion over timesteps walks (`calibration_times`): as many points as DiT's diffusion has
+# steps, evenly spaced over the training interval from its data end.
+CALIBRATION_POINTS = 1000
 # SBDM's diffusion is infinite at t = 0; where the transport samples from t = 0 (Linear and GVP with
 # velocity prediction), the SDE starts here instead (the official default for the other predictions).
 SDE_START_EPS = 1e-3
@@ -84,6 +87,17 @@ class TransportProcess(NoiseProcess):
         t, x_t, u_t = self._plan(x, draws)
         output = _shaped_like(prediction.output.float(), x)
         return {"loss": self.transport.loss_from_output(output, t, draws["noise"].to(x.dtype), x_t, u_t)}
+
+    # ------------------------------------------------------------------ calibration over time
+
+    def calibration_times(self) -> torch.Tensor:
+        """CALIBRATION_POINTS evenly spaced times of the training interval [t0, t1], from the data end t1 down to t0
+        (the Linear path's velocity model: 1, 1 - 1/999, ..., 0)."""
+        t0, t1 = self.transport.check_interval()
+        return torch.linspace(t1, t0, CALIBRATION_POINTS, dtype=torch.float64).float()
+
+    def with_time(self, draws: Draws, t: torch.Tensor | float) -> Draws:
+        return {**draws, "t": torch.full_like(draws["t"], float(t))}
 
     def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
         """MSE between the probability-flow velocities the two models imply at the student's (x_t, t)."""

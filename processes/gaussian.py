@@ -75,6 +75,21 @@ class GaussianProcess(NoiseProcess):
             return {"loss": loss * d.num_timesteps if self.settings["use_kl"] else loss}
         return d.losses_from_output(prediction.output, x, prediction.x_t, prediction.t, draws["noise"])
 
+    # ------------------------------------------------------------------ calibration over time
+
+    def calibration_times(self) -> torch.Tensor:
+        """Every training step from the data end: t = 0, 1, ..., steps - 1."""
+        return torch.arange(self.settings["diffusion_steps"])
+
+    def with_time(self, draws: Draws, t: torch.Tensor | float) -> Draws:
+        return {**draws, "t": torch.full_like(draws["t"], int(t))}
+
+    def calibration_loss(self, prediction: Prediction, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """The MSE of the predicted noise (the first C channels of a learned-sigma model) against the drawn
+        noise (Diff-Pruning's loss; against x for an x_0-predicting model), without the variance's VB term."""
+        target = x if self.settings["predict_xstart"] else draws["noise"]
+        return mean_flat((prediction.output[:, :x.shape[1]].float() - target.float()) ** 2)
+
     def distillation_loss(self, student: Prediction, teacher: Prediction) -> torch.Tensor:
         """MSE between the predicted noise; with learned variances plus KL(teacher || student) of their
         Gaussians p(x_{t-1} | x_t) in bits, where (as in the hybrid loss) the KL term trains only the

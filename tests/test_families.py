@@ -34,9 +34,8 @@ from tinyfusion.engine import TrainConfig, Trainer
 from tinyfusion.errors import UserError
 from tinyfusion.features import FeatureDataset
 from tinyfusion.lora import add_lora, has_lora, strip_lora
-from tinyfusion.pruning import save_pruned
+from tinyfusion.pruning import block_influence, loss_sensitivity, save_pruned
 from tinyfusion.sampling import SamplingSpec, sample_latents
-from tinyfusion.scores import block_influence, loss_sensitivity
 from tinyfusion.training import DiffusionTask
 
 #################################################################################

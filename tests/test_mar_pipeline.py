@@ -269,8 +269,7 @@ def test_lora_on_the_blocks_adapts_every_linear_of_both_stacks():
 
 
 def test_per_stack_targets_and_the_oracle_prune_within_each_stack():
-    from tinyfusion.pruning import oracle_indices
-    from tinyfusion.scores import select_kept_per_stack, stack_targets
+    from tinyfusion.pruning import oracle_indices, select_kept_per_stack, stack_targets
 
     depths = {"encoder": 16, "decoder": 16}
     assert stack_targets(["encoder=8", "decoder=8"], depths, "m.pt") == {"encoder": 8, "decoder": 8}

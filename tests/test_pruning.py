@@ -10,13 +10,14 @@ from helpers.tolerance import assert_fp32_close
 from models import DiT, prune_depth
 from tinyfusion.checkpoint import load_model, read_checkpoint, save_model
 from tinyfusion.pruning import (
+    block_influence,
     first_k_indices,
     kept_from_pruned,
     linear_anneal,
     oracle_indices,
     read_decision_history,
+    select_kept,
 )
-from tinyfusion.scores import block_influence, select_kept
 
 
 def _learn(planted, tmp_path, *extra, nproc=1, prefix="run", ema=("--ema-decay", "0.8")):

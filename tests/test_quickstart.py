@@ -8,7 +8,7 @@ import resource
 import pytest
 from helpers import run_cli, tiny_dit
 
-from pipelines.quickstart import FAST, METHODS, Quickstart, StepFailed
+from pipelines.quickstart import FAST, METHODS, WIDTH_METHODS, Quickstart, StepFailed
 from tinyfusion.checkpoint import save_model
 
 
@@ -18,18 +18,20 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert "quickstart finished" in proc.stdout
     result = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
-    assert len(rows) == 3 + len(METHODS) + 1  # floor, teacher, ceiling, each method + KD, learned + fine-tuning
+    methods = METHODS + WIDTH_METHODS
+    assert len(rows) == 3 + len(methods) + 1  # floor, teacher, ceiling, each method + KD, learned + fine-tuning
     assert 0 < rows["real digits (other half)"]["fid_after"] < rows["teacher"]["fid_after"]  # the floor
     for name, row in rows.items():
         if name.startswith("real"):
             continue
         for key in ("params_m", "latency_ms", "speedup", "fid_after", "seconds"):
             assert math.isfinite(row[key]), (name, key)
-        assert row["depth"] == (8 if name.startswith("teacher") else 4)
+        width = name.startswith("diff-pruning")
+        assert row["depth"] == (8 if name.startswith("teacher") or width else 4)
         if name != "teacher":
             assert math.isfinite(row["fid_before"])
         # models of one architecture are timed once: the teacher's rows share its latency, the pruned ones theirs
-        base = "teacher" if name.startswith("teacher") else "learned-1-2 + masked KD"
+        base = "teacher" if name.startswith("teacher") else name if width else "learned-1-2 + masked KD"
         assert row["latency_ms"] == rows[base]["latency_ms"], name
         assert row["speedup"] == pytest.approx(rows["teacher"]["latency_ms"] / row["latency_ms"], rel=1e-12), name
     assert rows["teacher"]["speedup"] == rows["teacher + recovery budget"]["speedup"] == 1.0
@@ -39,14 +41,18 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert result["feature_space"] == "digits-classifier"
     assert "FID after recovery (digits-classifier)" in (out / "results.md").read_text()
     # every stage left its artifacts
-    for method in METHODS:
+    width = rows["diff-pruning + masked KD"]
+    assert width["kept"] == list(range(8)) and width["rank"] is None
+    assert 0.5 < width["params_m"] / rows["teacher"]["params_m"] < 0.9  # the blocks' attention and MLP halved
+    assert rows["teacher"]["latency_ms"] != width["latency_ms"]
+    for method in methods:
         assert (out / "models" / f"{method}.pt").is_file() and (out / "models" / f"{method}+kd.pt").is_file()
         assert (out / "grids" / f"{method}.png").is_file() and (out / "grids" / f"{method}+kd.png").is_file()
     for name in ("teacher.pt", "teacher+train.pt", "learned-1-2+ft.pt"):
         assert (out / "models" / name).is_file()
     assert (out / "decisions-learned-1-2.png").is_file() and (out / "decisions-learned-4-8.png").is_file()
-    # 15 models, and the teacher again with another sampling seed
-    assert len(list((out / "samples").glob("*.npz"))) == 16 and (out / "classifier.pt").is_file()
+    # 17 models, and the teacher again with another sampling seed
+    assert len(list((out / "samples").glob("*.npz"))) == 18 and (out / "classifier.pt").is_file()
     assert (out / "models" / "ablation-lora.pt").is_file()
     assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
     # --fast runs one process per script and so as many scripts at a time as there are cores

@@ -39,13 +39,14 @@ from models import (
     GatedModel,
     build_architecture,
     compose_kept_indices,
+    compose_kept_units,
     registry_spec,
     total_depth,
     unwrap,
 )
 from processes import create_process
 
-from .errors import RunFailed, UserError
+from .errors import AmbiguousWeights, RunFailed, UserError
 from .fileio import atomic_write
 from .paths import file_sha256
 
@@ -80,7 +81,9 @@ class LoadedModel:
         codec: the codec's record ({"vae": spec, "scaling_factor": s}, "vae" "none" for pixels), or None
             when the file does not say (official weights, older files).
         lineage: for pruned models, {"kept_indices": original block of each block, "source_depth",
-            "source": {"path", "sha256"}, "method"}; None for unpruned models.
+            "source": {"path", "sha256"}, "method", "parent"}, and for narrowed ones "kept_heads" and
+            "kept_channels" (the original heads and MLP channels of each block) and "width" (how they were
+            chosen); None for unpruned models.
         weights: which weights were read: "ema", "model" or "plain".
         path: the file.
         extra: anything else the file recorded (settings, decisions).
@@ -379,6 +382,8 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     if arch is not None:
         try:
             return arch, ARCHITECTURES[arch].config_from_state_dict(state_dict, num_heads)
+        except AmbiguousWeights:
+            raise
         except UserError as e:
             raise UserError(f"--model names a {arch}, but {path} does not hold one ({e}); pass the --model of the "
                              "family the file holds") from None
@@ -386,6 +391,8 @@ def family_config(state_dict: dict, arch: str | None, num_heads: int | None = No
     for name, cls in ARCHITECTURES.items():
         try:
             fits[name] = cls.config_from_state_dict(state_dict, num_heads)
+        except AmbiguousWeights:
+            raise  # the layout is this family's, but the weights cannot rebuild the model
         except UserError as e:
             errors.append(str(e))
     if len(fits) == 1:
@@ -564,17 +571,33 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, process: dict | Non
         atomic_save(record, path)
 
 
-def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str) -> dict:
-    """The lineage of a model made of `kept_indices` of `source` (composed if `source` was pruned)."""
+def pruned_lineage(source: LoadedModel, kept_indices: list[int], method: str, width: dict | None = None) -> dict:
+    """The lineage of a model made of `kept_indices` of `source` (composed if `source` was pruned), narrowed by
+    `width` when given ({"kept_heads", "kept_channels"}: per kept block, indices into its heads and channels, and
+    how they were chosen: "criterion", "ratio", "global").
+
+    Once a model is narrowed, its lineage says for every block which heads ("kept_heads") and MLP channels
+    ("kept_channels") of the original block it kept, and how ("width"); later pruning carries them on.
+    """
     source_lineage = source.lineage or {}
     original = compose_kept_indices(source_lineage.get("kept_indices"), kept_indices)
-    return {
+    lineage = {
         "kept_indices": original,
         "source_depth": source_lineage.get("source_depth", total_depth(source.model)),
         "source": {"path": os.path.abspath(source.path), "sha256": file_sha256(source.path)},
         "method": method,
         "parent": copy.deepcopy(source.lineage),
     }
+    units = {key: [source_lineage[key][i] for i in kept_indices] if source_lineage.get(key) is not None else None
+             for key in ("kept_heads", "kept_channels")}
+    if width is not None:
+        units = {key: compose_kept_units(units[key], width[key]) for key in units}
+        lineage["width"] = {k: v for k, v in width.items() if k not in units}
+    elif source_lineage.get("width") is not None:
+        lineage["width"] = copy.deepcopy(source_lineage["width"])
+    if units["kept_heads"] is not None:
+        lineage.update(units)
+    return lineage
 
 
 __all__ = [

@@ -18,6 +18,11 @@ class UserError(ValueError):
     status = 2
 
 
+class AmbiguousWeights(UserError):
+    """Bare weights of a family's layout that do not say enough to rebuild the model (a width-pruned state dict:
+    its per-block head counts are not in the tensor shapes). The family is right; the file is not enough."""
+
+
 class RunFailed(RuntimeError):
     """A run that cannot go on for a reason the user must act on (its message says what to do)."""
 
@@ -38,4 +43,4 @@ class WriteFailed(RunFailed):
         self.path, self.cause = path, cause
 
 
-__all__ = ["RunFailed", "UserError", "WriteFailed"]
+__all__ = ["AmbiguousWeights", "RunFailed", "UserError", "WriteFailed"]

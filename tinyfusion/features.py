@@ -279,6 +279,7 @@ class SeedPurpose:
     TRAIN_STEP = 2  # a training step's timesteps, noise, label dropout and gate noise (engine)
     ENCODE = 3  # the VAE posterior sample of an image (extract_features)
     RANDOM_SCORES = 4  # the random pruning criterion (prune_by_score)
+    RANDOM_WIDTH_SCORES = 5  # the random width criterion (prune_by_score --width-criterion random)
     SAMPLE_NOISE = 101  # an image's starting noise and step noise (sampling)
     SAMPLE_LABEL = 102  # an image's class label in an FID run (sampling)
 

@@ -107,12 +107,16 @@ class ScorePruningOptions(RuntimeOptions, ModelOptions):
     global_seed: int = 0
     criterion: str = "bi"
     data_path: str | None = None
-    num_batches: int = 16
+    num_batches: int | None = None  # None: 16 for the depth criteria, 1 for the Taylor width criterion
     batch_size: int = 32
     n_pruned: int | None = None
     target_depth: list[str] | None = None  # one depth, or per stack: STACK=DEPTH terms
     protect_first: int = 0
     protect_last: int = 0
+    width_ratio: float | None = None  # None: no width pruning
+    width_criterion: str = "taylor"
+    global_width: bool = False
+    taylor_threshold: float = 0.05
     save_model: str = ""
     save_scores: str | None = None
 

@@ -1,4 +1,4 @@
-"""Depth pruning: TinyFusion's learned decision, choice by index, and the pruned-model file they share.
+"""Learned depth pruning: TinyFusion's decision of which blocks to keep.
 
 Learned pruning (TinyFusion, section 3): the model's blocks carry N:M gates sampled per sample
 with a hard Gumbel-softmax whose temperature tau (and logit scaling) anneal linearly over the
@@ -11,137 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from models import (
-    GatedModel,
-    format_groups,
-    join_indices,
-    parse_stack_groups,
-    parse_stack_indices,
-    prune_depth,
-    split_indices,
-    stack_depths,
-    validate_kept_indices,
-)
+from models import GatedModel, format_groups, parse_stack_groups, stack_depths
 from processes import NoiseProcess, create_process
 
-from .checkpoint import LoadedModel, load_model, pruned_lineage, save_model
-from .distributed import barrier
-from .engine import Trainer
-from .errors import UserError
-from .lora import DEFAULT_TARGETS, add_lora, trainable_fraction
-from .options import IndexPruningOptions, LearnedPruningOptions, RuntimeOptions
-from .paths import check_outputs
-from .runtime import bootstrap
-from .training import (
+from ..checkpoint import LoadedModel, load_model
+from ..distributed import barrier
+from ..engine import Trainer
+from ..errors import UserError
+from ..lora import DEFAULT_TARGETS, add_lora, trainable_fraction
+from ..options import LearnedPruningOptions
+from ..training import (
     DiffusionTask,
     adopt_data_codec,
     check_data_fits,
-    parameter_count,
     run_settings,
     start_run,
     total_steps,
     train_config,
 )
-
-#################################################################################
-#                               Choosing by index                               #
-#################################################################################
-
-
-def oracle_indices(depth: int) -> list[int]:
-    """BK-SDM's pattern at half depth: blocks in consecutive pairs; pairs in the first half keep their
-    first block, pairs in the second half their last (for 28 blocks: 0 2 ... 12 15 17 ... 27)."""
-    if depth % 2 or depth < 2:
-        raise UserError(f"the oracle pattern halves a model of even depth; this one has {depth} blocks")
-    pairs = depth // 2
-    return [2 * p if 2 * p < depth / 2 else 2 * p + 1 for p in range(pairs)]
-
-
-def first_k_indices(depth: int, k: int) -> list[int]:
-    if not 1 <= k <= depth:
-        raise UserError(f"--target-depth {k} must be between 1 and the model's depth {depth}")
-    return list(range(k))
-
-
-def kept_from_pruned(pruned: Sequence[int], depth: int) -> list[int]:
-    """The complement of pruned block indices (validated)."""
-    pruned = validate_kept_indices(pruned, depth)
-    kept = [i for i in range(depth) if i not in set(pruned)]
-    if not kept:
-        raise UserError("--pruned-indices removes every block; keep at least one")
-    return kept
-
-
-#################################################################################
-#                               The pruned file                                 #
-#################################################################################
-
-def save_pruned(source: LoadedModel, kept: Sequence[int], path: str, method: str, logger: logging.Logger,
-                extra: dict | None = None) -> nn.Module:
-    """Cuts the kept blocks (flat indices) out of `source` and writes a self-describing pruned checkpoint.
-
-    A gated source gives its wrapped model up first (its gate hooks are removed), so the pruned
-    model carries no hooks and no copy of the gates.
-    """
-    model = source.model.release() if isinstance(source.model, GatedModel) else source.model
-    depths = stack_depths(model)
-    kept = validate_kept_indices(kept, sum(depths.values()))
-    pruned = prune_depth(model, kept)
-    lineage = pruned_lineage(source, kept, method)
-    save_model(path, pruned, process=source.process, codec=source.codec, lineage=lineage, extra=extra)
-    before, after = parameter_count(model), parameter_count(pruned)
-    per_stack = "" if len(depths) == 1 else " (" + ", ".join(
-        f"{name} {idx}" for name, idx in split_indices(kept, depths).items()) + ")"
-    logger.info(f"kept blocks {kept}{per_stack} of {sum(depths.values())} ({method}); original blocks "
-                f"{lineage['kept_indices']}; parameters {before:,} -> {after:,} ({after / before:.1%})")
-    logger.info(f"saved {path}")
-    return pruned
-
-
-def run_prune_by_index(args: IndexPruningOptions) -> None:
-    """prune_by_index.py: keep a chosen set of blocks (rank 0 writes under torchrun)."""
-    check_outputs({"--save-model": args.save_model}, {"--ckpt": args.ckpt})
-    with bootstrap(RuntimeOptions(), device="cpu") as rt:  # surgery needs no GPU
-        if rt.env.is_main:
-            _prune_by_index(args, rt.logger)
-        barrier()
-
-
-def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
-    source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
-    depths = stack_depths(source.model)
-    depth = sum(depths.values())
-    if args.preset == "oracle":
-        # The BK-SDM pattern halves each stack on its own.
-        kept = join_indices({name: oracle_indices(d) for name, d in depths.items()}, depths)
-        if args.target_depth is not None and args.target_depth != len(kept):
-            raise UserError(f"--preset oracle is BK-SDM's pattern at half depth ({len(kept)} of {depth} blocks); it "
-                             f"has no form for --target-depth {args.target_depth}: drop --target-depth, or use "
-                             "--preset first-k, --kept-indices, or prune_by_score.py for that depth")
-        method = "oracle"
-    elif args.preset == "first-k":
-        if args.target_depth is None:
-            raise UserError("--preset first-k needs --target-depth")
-        kept, method = first_k_indices(depth, args.target_depth), "first-k"
-    elif args.kept_indices is not None:
-        kept = validate_kept_indices(parse_stack_indices(args.kept_indices, depths, "--kept-indices"), depth)
-        method = "index"
-    else:
-        kept, method = kept_from_pruned(parse_stack_indices(args.pruned_indices, depths, "--pruned-indices"),
-                                        depth), "index"
-    save_pruned(source, kept, args.save_model, method, logger)
-
-
-#################################################################################
-#                                Learned pruning                                #
-#################################################################################
+from .saving import save_pruned
 
 # The gate EMA's window (1 / (1 - decay)) as a share of the run when --ema-decay is not given: long enough
 # to smooth the per-sample Gumbel noise, short enough that the decision read at the end is the gates' own,

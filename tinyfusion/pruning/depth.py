@@ -1,4 +1,5 @@
-"""Score-based depth pruning baselines: ShortGPT block influence, loss sensitivity, random.
+"""Score-based depth pruning baselines: ShortGPT block influence, loss sensitivity, random; and prune_by_score.py,
+which prunes depth by them, width by `width` (--width-ratio), or depth first and then width.
 
 Each criterion gives every block an importance (higher = more important); the least important
 unprotected blocks are pruned. Calibration batches come from the feature dataset at random
@@ -15,22 +16,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import BlockRecorder, flat_blocks, stack_depths, total_depth
-from processes import NoiseProcess, create_process
+from models import BlockRecorder, flat_blocks, stack_depths, total_depth, width_stack_keys
+from processes import NoiseProcess
 
-from .checkpoint import LoadedModel, load_model
-from .distributed import all_reduce_sum, barrier
-from .engine import step_draws
-from .errors import UserError
-from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_seed
-from .options import ScorePruningOptions
-from .paths import check_outputs
-from .precision import autocast
-from .pruning import save_pruned
-from .runtime import Runtime, bootstrap
-from .training import adopt_data_codec, check_data_fits
+from ..checkpoint import LoadedModel, load_model
+from ..distributed import all_reduce_sum, barrier
+from ..errors import UserError
+from ..features import SeedPurpose, derive_seed
+from ..options import ScorePruningOptions
+from ..paths import check_outputs
+from ..precision import autocast
+from ..runtime import Runtime, bootstrap
+from .calibration import calibration_batches
+from .saving import save_pruned
+from .width import TAYLOR_THRESHOLD, check_taylor_threshold, check_width_ratio, width_decision
 
 CRITERIA = ("bi", "loss", "random")
+# Calibration batches of the depth criteria when --num-batches is not given.
+DEPTH_NUM_BATCHES = 16
 
 
 @torch.no_grad()
@@ -167,65 +170,87 @@ def format_score_table(scores: Sequence[float], kept: Sequence[int], criterion: 
 
 
 def run_prune_by_score(args: ScorePruningOptions) -> None:
-    """prune_by_score.py: score every block on calibration data, prune the least important."""
-    if (args.n_pruned is None) == (args.target_depth is None):
-        raise UserError("give exactly one of --n-pruned and --target-depth")
+    """prune_by_score.py: score every block on calibration data and prune the least important (depth), then
+    score every head and MLP channel of the kept blocks and remove the least important (width, with
+    --width-ratio); either alone or both."""
+    depth_given = args.n_pruned is not None or args.target_depth is not None
+    if args.n_pruned is not None and args.target_depth is not None:
+        raise UserError("give at most one of --n-pruned and --target-depth")
+    if not depth_given and args.width_ratio is None:
+        raise UserError("give what to prune: --n-pruned or --target-depth (blocks), --width-ratio (heads and MLP "
+                         "channels), or both")
+    if args.width_ratio is None:
+        stray = [flag for flag, value, default in (
+            ("--width-criterion", args.width_criterion, "taylor"), ("--global-width", args.global_width, False),
+            ("--taylor-threshold", args.taylor_threshold, TAYLOR_THRESHOLD)) if value != default]
+        if stray:
+            raise UserError(f"{stray[0]} applies to width pruning: add --width-ratio (or drop {stray[0]})")
+    else:
+        check_width_ratio(args.width_ratio)
+        check_taylor_threshold(args.taylor_threshold)
     scores_path = Path(args.save_scores or Path(args.save_model).with_suffix(".scores.json"))
     check_outputs({"--save-model": args.save_model, "--save-scores": scores_path},
                   {"--ckpt": args.ckpt, "--data-path": args.data_path})
     with bootstrap(args) as rt:
         source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
+        if args.width_ratio is not None:
+            width_stack_keys(source.model)  # a family that cannot be narrowed is refused before any work
         depth = total_depth(source.model)
-        targets = stack_targets(args.target_depth, stack_depths(source.model), args.ckpt)
-        if targets is None:
-            n_pruned = args.n_pruned if args.n_pruned is not None else depth - int(args.target_depth[0])
-            if not 1 <= n_pruned <= depth - 1:
-                flag = (f"--n-pruned {args.n_pruned}" if args.n_pruned is not None
-                        else f"--target-depth {args.target_depth[0]}")
-                raise UserError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
-                                 f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
-        if args.criterion == "random":
-            scores, count = random_scores(depth, args.global_seed), 0
-        else:
-            scores, count = _calibrated_scores(args, source, rt)
+        record: dict = {"checkpoint": args.ckpt, "seed": args.global_seed}
+        kept, methods, extra = list(range(depth)), [], {}
+        if depth_given:
+            kept, depth_record = _depth_decision(args, source, rt)
+            record.update(depth_record)
+            methods.append(f"score-{args.criterion}")
+            extra.update(scores=depth_record["scores"], criterion=args.criterion)
+        width = None
+        if args.width_ratio is not None:
+            width, width_record = width_decision(args, source, kept, rt)
+            record["width"] = width_record
+            methods.append(f"width-{args.width_criterion}")
+            extra["width"] = {k: width_record[k] for k in ("criterion", "ratio", "global", "threshold", "timesteps",
+                                                           "losses") if k in width_record}
         if rt.env.is_main:
-            if targets is None:
-                kept = select_kept(scores.tolist(), n_pruned, args.protect_first, args.protect_last)
-            else:
-                kept = select_kept_per_stack(scores.tolist(), targets, stack_depths(source.model), args.protect_first,
-                                             args.protect_last)
-            rt.logger.info(f"{args.criterion} scores over {count} calibration samples:\n"
-                           + format_score_table(scores.tolist(), kept, args.criterion))
             scores_path.parent.mkdir(parents=True, exist_ok=True)
-            scores_path.write_text(json.dumps({
-                "criterion": args.criterion, "scores": scores.tolist(), "kept_indices": kept,
-                "pruned_indices": [i for i in range(depth) if i not in set(kept)], "num_samples": count,
-                "protect_first": args.protect_first, "protect_last": args.protect_last, "checkpoint": args.ckpt,
-                "seed": args.global_seed}, indent=1))
+            scores_path.write_text(json.dumps(record, indent=1))
             rt.logger.info(f"scores saved to {scores_path}")
-            save_pruned(source, kept, args.save_model, f"score-{args.criterion}", rt.logger,
-                        extra={"scores": scores.tolist(), "criterion": args.criterion})
+            save_pruned(source, kept, args.save_model, "+".join(methods), rt.logger, extra=extra, width=width)
         barrier()
 
 
+def _depth_decision(args: ScorePruningOptions, source: LoadedModel, rt: Runtime) -> tuple[list[int], dict]:
+    """The kept blocks by --criterion (the same on every process), and what the scores file records of them."""
+    depth = total_depth(source.model)
+    depths = stack_depths(source.model)
+    targets = stack_targets(args.target_depth, depths, args.ckpt)
+    if targets is None:
+        n_pruned = args.n_pruned if args.n_pruned is not None else depth - int(args.target_depth[0])
+        if not 1 <= n_pruned <= depth - 1:
+            flag = (f"--n-pruned {args.n_pruned}" if args.n_pruned is not None
+                    else f"--target-depth {args.target_depth[0]}")
+            raise UserError(f"{flag} does not fit {args.ckpt}, a model of depth {depth}: prune between 1 and "
+                             f"{depth - 1} blocks (--target-depth between 1 and {depth - 1})")
+    if args.criterion == "random":
+        scores, count = random_scores(depth, args.global_seed), 0
+    else:
+        scores, count = _calibrated_scores(args, source, rt)
+    if targets is None:
+        kept = select_kept(scores.tolist(), n_pruned, args.protect_first, args.protect_last)
+    else:
+        kept = select_kept_per_stack(scores.tolist(), targets, depths, args.protect_first, args.protect_last)
+    rt.logger.info(f"{args.criterion} scores over {count} calibration samples:\n"
+                   + format_score_table(scores.tolist(), kept, args.criterion))
+    return kept, {"criterion": args.criterion, "scores": scores.tolist(), "kept_indices": kept,
+                  "pruned_indices": [i for i in range(depth) if i not in set(kept)], "num_samples": count,
+                  "protect_first": args.protect_first, "protect_last": args.protect_last}
+
+
 def _calibrated_scores(args: ScorePruningOptions, source: LoadedModel, rt: Runtime) -> tuple[torch.Tensor, int]:
-    if not args.data_path:
-        raise UserError(f"--criterion {args.criterion} needs calibration data: give --data-path")
-    env = rt.env
-    dataset = FeatureDataset(args.data_path)
-    check_data_fits(source.model, dataset)
-    adopt_data_codec(source, dataset, rt.logger)
+    num_batches = args.num_batches or DEPTH_NUM_BATCHES
+    calibration = calibration_batches(args, source, rt, num_batches, f"--criterion {args.criterion}")
+    env, process, batches = rt.env, calibration.process, calibration.batches
     model = source.model.to(env.device).eval()
-    process = create_process(source.process)
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank=env.rank, world_size=env.world_size,
-                                 seed=args.global_seed, copies=dataset.copies if dataset.flip else 1,
-                                 max_steps=args.num_batches)
-    batches = []
-    for step, items in enumerate(sampler):
-        x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in items)))
-        draws = step_draws(args.global_seed, step, args.batch_size, dataset.latent_shape, process, env)
-        batches.append({"x": x, "y": y, "draws": draws["draws"]})
-    rt.logger.info(f"scoring {total_depth(model)} blocks by {args.criterion} on {args.num_batches} batches of "
+    rt.logger.info(f"scoring {total_depth(model)} blocks by {args.criterion} on {num_batches} batches of "
                    f"{args.batch_size} ({rt.precision})")
     with autocast(rt.precision, env.device):
         if args.criterion == "bi":
