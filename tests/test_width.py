@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_dit, tiny_mar, tiny_sit
+from helpers import fit_tiny, tiny_dit, tiny_mar, tiny_sit
 from helpers.tolerance import assert_fp32_close
 
 from models import DiT, flat_blocks, prune_depth, prune_width
@@ -313,24 +313,13 @@ def official(tmp_path_factory):
     official-layout state dict, and its features."""
     from helpers import write_features
 
-    from diffusion import create_diffusion
     from tinyfusion.synthetic import class_pattern_latents
 
     root = tmp_path_factory.mktemp("width")
     latents, labels = class_pattern_latents(128, (3, 8, 8))
     write_features(root / "features", latents, labels, 10)
     model = tiny_dit(in_channels=3, num_heads=4, randomize=False)
-    diffusion = create_diffusion("")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    x_all, y_all = torch.from_numpy(latents[:, 0]), torch.from_numpy(labels)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        idx = torch.randint(0, 128, (32,), generator=g)
-        t = torch.randint(0, 1000, (32,), generator=g)
-        loss = diffusion.training_losses(model, x_all[idx], t, dict(y=y_all[idx]))["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_tiny(model, latents, labels, 60)
     torch.save(model.state_dict(), root / "official.pt")
     return {"root": root, "ckpt": root / "official.pt", "data": root / "features", "model": model.eval()}
 

@@ -135,3 +135,21 @@ def train_teacher(root: Path, start, max_steps: int, codec: dict | None = None) 
              "--lr", "3e-3", "--log-every", "20", "--save-model", str(root / "teacher.pt")])
     losses = [json.loads(line)["loss"] for line in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
     return {"root": root, "data": data, "teacher": root / "teacher.pt", "losses": losses}
+
+
+def fit_tiny(model, latents, labels, steps: int, params=None, lr: float = 2e-3, batch: int = 32) -> None:
+    """Trains `model` in this process on (N, copies, C, H, W) latents with the official hybrid loss (1000-step
+    linear diffusion): AdamW over `params` (default: all), `batch` images and timesteps a step from seed 0."""
+    from diffusion import create_diffusion
+
+    diffusion = create_diffusion("")
+    opt = torch.optim.AdamW(list(model.parameters()) if params is None else params, lr=lr)
+    x_all, y_all = torch.from_numpy(latents[:, 0]), torch.from_numpy(labels)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (batch,), generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        loss = diffusion.training_losses(model, x_all[idx], t, dict(y=y_all[idx]))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
