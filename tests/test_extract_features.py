@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import no_network_path, run_cli
+from helpers.tolerance import assert_fp32_close
 from PIL import Image
 
 import extract_features
@@ -114,7 +115,7 @@ def test_feature_dataset_reads_both_copies_and_the_mirror_is_the_mirrored_image(
             latent, label = dataset[(i, copy)]
             expected = codec.encode(view, generator=[torch.Generator().manual_seed(encode_seed(0, i, copy))])[0]
             assert label.item() == listing.labels[i] and latent.shape == (4, SIZE // 2, SIZE // 2)
-            torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-5)
+            assert_fp32_close(latent, expected)  # one image alone against its batch: kernel rounding only
         assert not torch.equal(dataset[(i, 0)][0], dataset[(i, 1)][0])
     drawn = dataset[3][0]  # an int key picks a copy at random
     assert any(torch.equal(drawn, dataset[(3, c)][0]) for c in (0, 1))

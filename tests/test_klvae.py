@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import run_cli
+from helpers.tolerance import assert_fp32_close
 from PIL import Image
 
 from tinyfusion.klvae import KL16_SCALING_FACTOR, AttnBlock, KLAutoencoder, load_kl_autoencoder
@@ -58,7 +59,7 @@ def test_attention_is_softmax_over_pixels_with_one_head():
     q, k, v = (proj(y).flatten(2) for proj in (block.q, block.k, block.v))  # (b, c, hw)
     weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(32), dim=2)  # (b, hw_q, hw_k)
     expected = x + block.proj_out(torch.bmm(v, weights.transpose(1, 2)).reshape(2, 32, 3, 4))
-    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(block(x), expected)  # the same operations, other matmul shapes: kernel rounding only
 
 
 def test_the_codec_samples_the_posterior_and_scales_by_0_2325(kl16_file):
