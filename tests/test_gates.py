@@ -59,8 +59,7 @@ def test_training_masks_keep_n_of_m_per_sample():
     mask = gates.sample(64)
     assert mask.shape == (64, 10)
     hard = mask.round()
-    # straight-through: hard + (soft - soft.detach()), one float32 rounding of values in [0, 1] (eps 1.2e-7)
-    torch.testing.assert_close(mask, hard, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mask, hard, atol=1e-6, rtol=0)  # hard + (soft - soft.detach()): one rounding of [0, 1]
     assert (hard[:, :4].sum(1) == 2).all() and (hard[:, 4:8].sum(1) == 2).all() and (hard[:, 8:].sum(1) == 1).all()
     assert len({tuple(r.tolist()) for r in hard}) > 1  # per-sample draws differ
 

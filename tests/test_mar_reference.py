@@ -376,7 +376,8 @@ def test_training_step_draws_internally(ref, tiny):
     assert [k for k, g in grads.items() if g is None] == [k for k, g in plain_grads.items() if g is None]
     for key, grad in grads.items():
         if grad is not None:
-            torch.testing.assert_close(grad, plain_grads[key], atol=1e-6, rtol=1e-5, msg=key)
+            # recomputed activations may round otherwise in the last bits; a missing term is of the gradient's size
+            torch.testing.assert_close(grad, plain_grads[key], atol=1e-6, rtol=1e-5, msg=key)  # see above
 
     # the reference model, checkpointed, with the official forward's draws (test_forward_loss runs it plainly)
     e, config = ref["e"], ref["config"]
