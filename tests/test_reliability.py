@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, run_cli, tiny_dit, write_features
+from helpers import ROOT, one_line_error, run_cli, tiny_dit, write_features
 
 from tinyfusion.checkpoint import read_checkpoint, save_model
 from tinyfusion.fileio import RunLock, truncate_jsonl
@@ -21,12 +21,7 @@ from tinyfusion.fileio import RunLock, truncate_jsonl
 
 def _user_error(proc, *needles):
     """Exit status 2, one line on stderr, no traceback, naming what it should."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(proc, 2, *needles)
 
 
 def _train_args(data, results, prefix, *extra):
@@ -137,12 +132,10 @@ def test_a_disk_that_fills_up_mid_checkpoint_is_one_line_and_loses_nothing(small
     args = _train_args(small["data"], tmp_path, "full", "--max-steps", "4", "--ckpt-every", "2")
     proc = run_cli([spy, "enospc:4", *args[1:]], check=False)
     ckpts = tmp_path / "full" / "checkpoints"
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines[0].startswith("train.py: error: cannot write ")
-    for needle in (str(ckpts / "step-0000004.pt"), "No space left on device (ENOSPC)", "nothing was replaced",
-                   f"The last checkpoint is {ckpts / 'step-0000002.pt'}", "run the same command again"):
-        assert needle in lines[0], lines[0]
+    line = one_line_error(proc, 1, str(ckpts / "step-0000004.pt"), "No space left on device (ENOSPC)",
+                          "nothing was replaced", f"The last checkpoint is {ckpts / 'step-0000002.pt'}",
+                          "run the same command again")
+    assert line.startswith("train.py: error: cannot write ")
     assert sorted(p.name for p in ckpts.iterdir()) == ["manifest.json", "step-0000002.pt"]  # no temporary left
     assert json.loads((ckpts / "manifest.json").read_text())["checkpoints"] == [{"file": "step-0000002.pt", "step": 2}]
     proc = run_cli(args)  # space freed: the same command resumes

@@ -153,3 +153,14 @@ def fit_tiny(model, latents, labels, steps: int, params=None, lr: float = 2e-3, 
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def one_line_error(proc: subprocess.CompletedProcess, status: int, *needles: str) -> str:
+    """The script exited with `status` (2: a user error, 1: a run that failed) printing one line on stderr,
+    no traceback, naming each of `needles`; returns the line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
