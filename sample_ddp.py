@@ -11,6 +11,14 @@ to SAMPLE_DIR/NAME/part-*.npz as they finish; running the same command again res
 missing parts. The result is SAMPLE_DIR/NAME.npz (arr_0: uint8 images N x H x W x 3, arr_1: int64
 labels) and NAME.json beside it, the full sampling protocol. NAME is
 <checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<N>.
+
+With --save-latents DIR, the same samples are also kept before decoding, with their labels, as a feature
+set (the layout extract_features.py writes; its index records the codec and this protocol), so a student
+can be trained on the teacher's own samples:
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt pretrained/DiT-XL-2-256x256.pt --model DiT-XL/2 \
+        --num-fid-samples 50000 --save-latents data/dit_xl_samples
+    torchrun --nproc_per_node=8 train_masked_kd.py --load-weight outputs/pruned/DiT-D14-Learned.pt \
+        --teacher DiT-XL/2 --load-teacher pretrained/DiT-XL-2-256x256.pt --data-path data/dit_xl_samples
 """
 
 from tinyfusion.args import Parser, add_model_args, add_runtime_args, add_sampling_args, positive_int, to_options
@@ -31,6 +39,10 @@ def parse_args(argv=None):
                         help="where the run folder and the .npz go")
     parser.add_argument("--npz", type=str, default=None, help="final .npz path (default: SAMPLE_DIR/NAME.npz)")
     parser.add_argument("--save-png", action="store_true", help="also write every image as SAMPLE_DIR/NAME/png/*.png")
+    parser.add_argument("--save-latents", type=str, default=None, metavar="DIR",
+                        help="also write the samples before decoding (latents; pixels for a pixel-space model) "
+                             "with their labels as a feature set in DIR, for train.py / train_masked_kd.py "
+                             "--data-path DIR (self-generated data); resumable like the .npz")
     return parser.parse_args(argv)
 
 

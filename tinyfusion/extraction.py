@@ -183,7 +183,7 @@ def encode_image_folder(images: ImageList, features_path: str | os.PathLike, cod
     side = latent_size_of(codec, image_size)
     root = Path(features_path)
     source = {
-        "vae": _vae_id(codec.name), "scaling_factor": codec.scaling_factor, "image_size": image_size,
+        "vae": vae_id(codec.name), "scaling_factor": codec.scaling_factor, "image_size": image_size,
         "flip": flip, "precision": precision, "global_seed": global_seed, "shard_size": shard_size,
         "num_files": len(images), "files_sha256": images.sha256(), "data_path": str(images.root.resolve()),
         **({"channels": channels} if channels != 3 else {}),  # RGB folders keep the record they always had
@@ -283,7 +283,7 @@ def _gather_skipped(root: Path, num_shards: int) -> list[dict]:
     return skipped
 
 
-def _vae_id(name: str) -> str:
+def vae_id(name: str) -> str:
     """The VAE as recorded: a folder or file by its absolute path, so a run from another directory matches."""
     if name in ("none", "kl16") or name in HUB_VAES or not os.path.exists(name):
         return name

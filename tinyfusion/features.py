@@ -1,6 +1,7 @@
 """Pre-extracted latent datasets: our sharded layout, the reference layout, and their sampler.
 
-Our layout (written by extract_features.py), built to load fast at 1.28M images:
+Our layout (written by extract_features.py, and by sample_ddp.py --save-latents from a model's own
+samples), built to load fast at 1.28M images:
 
     FEATURES/index.json                 what is inside (see `FeatureIndex`)
     FEATURES/shards/latents-00000.npy   (n, copies, C, H, W) float: copy 0 the image, copy 1 its mirror
@@ -49,8 +50,9 @@ class FeatureIndex:
         latent_shape: (C, H, W) of one copy.
         copies: 2 when each image is stored with its horizontal mirror, else 1.
         dtype: numpy dtype name of the latents.
-        num_classes: number of classes; class_names: their folder names, in label order.
-        source: how the latents were made: {"vae", "image_size", "scaling_factor", "data_path", ...}.
+        num_classes: number of classes; class_names: their folder names, in label order ("0" .. for samples).
+        source: how the latents were made: {"vae", "image_size", "scaling_factor", "data_path", ...}; for a
+            model's samples, "sampling_protocol" instead of the image folder (`tinyfusion.sampling.latents_source`).
     """
 
     num_images: int

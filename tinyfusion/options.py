@@ -180,3 +180,4 @@ class SampleSetOptions(SamplingOptions):
     sample_dir: str = "outputs/samples"
     npz: str | None = None
     save_png: bool = False
+    save_latents: str | None = None

@@ -19,6 +19,22 @@ A part is written atomically by the one rank that sampled it; running the same c
 only the missing parts. Rank 0 then streams the parts into the ADM-format .npz (`arr_0` the uint8
 images (N, H, W, 3), `arr_1` the int64 labels (N,), as ADM's class-conditional samples) and writes
 the protocol beside it as JSON.
+
+With `latents_dir` (sample_ddp.py --save-latents DIR), the same batches are also kept before decoding,
+as a feature set that train.py and train_masked_kd.py read with --data-path DIR (self-generated data):
+
+    DIR/generation.json              the folder's record, written before any shard (resuming must match it)
+    DIR/shards/latents-KKKKK.npy     batch k's latents (n, 1, C, H, W) float32: images k*B .. of the run
+    DIR/shards/labels-KKKKK.npy      their labels, as in the .npz
+    DIR/index.json                   `tinyfusion.features.FeatureIndex`, written when every shard is there
+
+A shard is batch k (shard size = the per-process batch size), written by the rank that sampled it, so
+the folder is byte-identical for any number of processes; a batch whose part or shard is missing is
+sampled again (it gives the same numbers) and only the missing file is written. The index records the
+codec as extraction does (`source["vae"]`, `source["scaling_factor"]`: what training adopts), one copy per
+image (no mirror), class names "0" .. "K-1", and under `source["sampling_protocol"]` the protocol the
+latents came from (the checkpoint's SHA-256, family and config, sampler, guidance, seeds; its path is in
+generation.json).
 """
 
 from __future__ import annotations
@@ -42,7 +58,8 @@ from processes import NoiseProcess, create_process
 from .checkpoint import LoadedModel, load_model
 from .distributed import DistEnv, barrier, broadcast_object
 from .errors import UserError
-from .features import SeedPurpose, derive_seed
+from .extraction import vae_id
+from .features import SeedPurpose, derive_seed, shard_done, write_index, write_shard
 from .fileio import atomic_write, atomic_write_json, remove_orphan_temporaries, setting_differences
 from .options import SAMPLER_OPTION_FIELDS, SampleGridOptions, SampleSetOptions, SamplingOptions
 from .paths import check_outputs, file_sha256
@@ -57,6 +74,8 @@ PROTOCOL_FORMAT = "tinyfusion-samples"
 PROTOCOL_VERSION = 2
 # Protocol fields that do not change a single pixel: a resumed run may differ in them.
 _INFORMATIONAL = ("checkpoint_path",)
+LATENTS_RECORD = "generation.json"
+LATENTS_FORMAT = "tinyfusion-self-generated"
 
 
 @dataclass(frozen=True)
@@ -413,6 +432,62 @@ def _open_run(run_dir: Path, protocol: dict, num_batches: int) -> list[int]:
     return [b for b in range(num_batches) if b not in done]
 
 
+def latents_source(protocol: dict, codec: LatentCodec, in_channels: int) -> dict:
+    """The `source` of a self-generated feature set's index: the codec and settings as extraction records them
+    (`tinyfusion.extraction.encode_image_folder`), and the sampling protocol the latents came from.
+
+    The protocol names the checkpoint by its SHA-256, not its path, so that the index (which training compares
+    by content on resume) stays the same when the checkpoint moves; the path is in DIR/generation.json.
+    """
+    return {
+        "vae": vae_id(codec.name), "scaling_factor": codec.scaling_factor, "image_size": protocol["image_size"],
+        "flip": False, "precision": protocol["precision"], "global_seed": protocol["global_seed"],
+        "shard_size": protocol["per_process_batch_size"],
+        # As extraction: pixels record their channels when they are not RGB (a VAE's images are RGB).
+        **({"channels": in_channels} if codec.vae is None and in_channels != 3 else {}),
+        "sampling_protocol": {k: v for k, v in protocol.items() if k not in ("arrays", *_INFORMATIONAL)},
+    }
+
+
+def _check_latents(root: Path, source: dict) -> None:
+    """Refuses a --save-latents folder that holds anything but (part of) the feature set of `source`.
+
+    Raises:
+        UserError: the folder holds features extracted from images, samples of another protocol, or shards
+            with no record.
+    """
+    fix = "use another --save-latents folder (or delete this one to start over)"
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--save-latents {str(root)!r} is a file; give a folder")
+    for name in (LATENTS_RECORD, "index.json"):
+        if not (root / name).is_file():
+            continue
+        found = json.loads((root / name).read_text()).get("source", {})
+        if "sampling_protocol" not in found:
+            raise UserError(f"--save-latents {str(root)!r} holds features extracted from images (extract_features.py), "
+                             f"not samples of a model; {fix}")
+        rest = [k for k in source if k != "sampling_protocol"]
+        differences = (setting_differences(found, source, names={k: k for k in rest})
+                       + setting_differences(found["sampling_protocol"], source["sampling_protocol"]))
+        if differences:
+            raise UserError(f"--save-latents {str(root)!r} holds samples of another protocol "
+                             f"({'; '.join(differences)}); run with the recorded settings to resume it, or {fix}")
+        return
+    if (root / "shards").is_dir() and any((root / "shards").iterdir()):
+        raise UserError(f"--save-latents {str(root)!r} holds shards but no {LATENTS_RECORD} saying how they were "
+                         f"made; {fix}")
+
+
+def _open_latents(root: Path, source: dict, checkpoint_path: str, num_batches: int) -> list[int]:
+    """Records `source` (and the checkpoint's path) in a --save-latents folder that `_check_latents` passed;
+    returns the batches whose shard is missing."""
+    if not (root / LATENTS_RECORD).is_file():
+        atomic_write_json(root / LATENTS_RECORD, {"format": LATENTS_FORMAT, "checkpoint_path": checkpoint_path,
+                                                  "source": source})
+    remove_orphan_temporaries(root / "shards")  # of an interrupted run's writes
+    return [b for b in range(num_batches) if not shard_done(root, b)]
+
+
 def _read_part(run_dir: Path, batch: int, batch_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(images (n, H, W, 3) uint8, labels (n,)) of a part, checked against the indices it must hold."""
     with np.load(_part_path(run_dir, batch)) as part:
@@ -468,12 +543,13 @@ def _write_pngs(run_dir: Path, batches: Iterable[int], batch_size: int, num_samp
 def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: LatentCodec, spec: SamplingSpec, *,
                          env: DistEnv, seed: int,
                          num_samples: int, batch_size: int, run_dir: str | os.PathLike, npz_path: str | os.PathLike,
-                         tf32: bool = False, save_png: bool = False,
+                         tf32: bool = False, save_png: bool = False, latents_dir: str | os.PathLike | None = None,
                          logger: logging.Logger | None = None) -> dict:
     """Samples an FID set on every rank of the world, resumably, and assembles the .npz on rank 0.
 
     Batch b holds images b*B .. (b+1)*B-1 (the last padded past N); the batches not yet on disk are
-    dealt round-robin to the ranks, so no two ranks write the same file.
+    dealt round-robin to the ranks, so no two ranks write the same file. With `latents_dir`, each batch's
+    latents (before decoding) are shard b of a feature set there (see the module doc).
 
     Args:
         loaded, process, codec, spec: the model (on env.device), its noise process, its codec and the
@@ -483,11 +559,13 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
         run_dir: the run folder (parts, protocol.json, png/); npz_path: the final .npz.
         tf32: whether TF32 matmuls are allowed (recorded).
         save_png: also write every image as run_dir/png/INDEX.png.
+        latents_dir: also write the samples as latents there (a features folder of `tinyfusion.features`).
         logger: where progress goes (rank 0 logs).
     Returns:
-        the protocol; on rank 0 as written beside the .npz, with "npz" and "npz_sha256" added.
+        the protocol; on rank 0 as written beside the .npz, with "npz" and "npz_sha256" added (and "latents",
+        "latents_index_sha256" with `latents_dir`).
     Raises:
-        UserError: bad counts, or a run folder of another protocol.
+        UserError: bad counts, or a run folder or latents folder of another protocol.
     """
     logger = logger or logging.getLogger(__name__)
     if num_samples < 1:
@@ -495,39 +573,66 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
     if batch_size < 1:
         raise UserError(f"--per-proc-batch-size must be at least 1, got {batch_size}")
     run_dir, npz_path = Path(run_dir), Path(npz_path)
+    latents_dir = Path(latents_dir) if latents_dir is not None else None
     num_batches = -(-num_samples // batch_size)
+    inner = unwrap(loaded.model)
     opened = None
     if env.is_main:
         protocol = sampling_protocol(loaded, codec, spec, seed=seed, num_samples=num_samples,
                                      batch_size=batch_size, device=env.device, tf32=tf32)
+        source = None if latents_dir is None else latents_source(protocol, codec, inner.data_shape[0])
         try:
-            opened = (None, protocol, _open_run(run_dir, protocol, num_batches))
+            # Both folders are checked before either records anything, so a refusal leaves neither changed.
+            if source is not None:
+                _check_latents(latents_dir, source)
+            parts = _open_run(run_dir, protocol, num_batches)
+            shards = ([] if source is None else
+                      _open_latents(latents_dir, source, protocol["checkpoint_path"], num_batches))
+            opened = (None, protocol, parts, shards)
         except ValueError as e:
-            opened = (str(e), None, None)
+            opened = (str(e), None, None, None)
     # Every rank stops on a refused folder, instead of waiting for rank 0 at the next barrier.
-    error, protocol, todo = broadcast_object(opened)
+    error, protocol, parts, shards = broadcast_object(opened)
     if error:
         raise UserError(error)
+    parts, shards = set(parts), set(shards)
+    todo = sorted(parts | shards)
     logger.info(f"{run_dir}: sampling {len(todo)} of {num_batches} batches of {batch_size} "
                 f"({num_batches - len(todo)} already done) on {env.world_size} process(es)")
+    if latents_dir is not None:
+        logger.info(f"{latents_dir}: {len(shards)} of {num_batches} latent shards to write")
 
-    num_classes = unwrap(loaded.model).num_classes
     mine = todo[env.rank::env.world_size]
     for batch in tqdm(mine, desc="batches", disable=not env.is_main):
         indices = range(batch * batch_size, (batch + 1) * batch_size)
-        labels = torch.tensor(image_labels(seed, indices, num_classes), device=env.device)
-        images = to_uint8(sample_images(loaded.model, process, codec, labels, image_seeds(seed, indices), spec))
+        labels = torch.tensor(image_labels(seed, indices, inner.num_classes), device=env.device)
+        # One sampling per batch: the images are these latents decoded.
+        latents = sample_latents(loaded.model, process, labels, image_seeds(seed, indices), spec)  # (B, C, H, W)
         keep = min(batch_size, num_samples - batch * batch_size)
-        atomic_write(_part_path(run_dir, batch), lambda f: np.savez(
-            f, images=images[:keep], labels=labels[:keep].cpu().numpy(), indices=np.asarray(indices[:keep])))
+        kept_labels = labels[:keep].cpu().numpy()
+        if batch in parts:
+            images = to_uint8(codec.decode(latents))  # (B, H, W, 3) uint8
+            atomic_write(_part_path(run_dir, batch), lambda f: np.savez(
+                f, images=images[:keep], labels=kept_labels, indices=np.asarray(indices[:keep])))
+        if batch in shards:
+            write_shard(latents_dir, batch, latents[:keep, None].cpu().numpy(), kept_labels)  # (n, 1, C, H, W)
     barrier()
 
     if save_png:
         _write_pngs(run_dir, range(env.rank, num_batches, env.world_size), batch_size, num_samples)
         barrier()
     if env.is_main:
+        written = {}
+        if latents_dir is not None:
+            index = write_index(latents_dir, num_batches, num_classes=inner.num_classes,
+                                class_names=[str(k) for k in range(inner.num_classes)],
+                                source=latents_source(protocol, codec, inner.data_shape[0]))
+            written = {"latents": os.path.abspath(latents_dir),
+                       "latents_index_sha256": file_sha256(latents_dir / "index.json")}
+            logger.info(f"saved {index.num_images} latents {tuple(index.latent_shape)} to {latents_dir} (a --data-path "
+                        "of train.py and train_masked_kd.py)")
         write_npz(npz_path, run_dir, num_samples=num_samples, batch_size=batch_size)
-        protocol = {**protocol, "npz": os.path.abspath(npz_path), "npz_sha256": file_sha256(npz_path)}
+        protocol = {**protocol, "npz": os.path.abspath(npz_path), "npz_sha256": file_sha256(npz_path), **written}
         atomic_write_json(npz_path.with_suffix(".json"), protocol)
         logger.info(f"saved {npz_path} ({num_samples} images, {protocol['image_size']} px) and "
                     f"{npz_path.with_suffix('.json')}")
@@ -540,25 +645,27 @@ def run_sample_ddp(args: SampleSetOptions) -> Path:
     if args.npz and not args.npz.endswith(".npz"):
         raise UserError(f"--npz {args.npz} must end in .npz (the protocol JSON is written beside it, as .json)")
     inputs = {"--ckpt": args.ckpt, "--vae": args.vae}
-    check_outputs({"--npz": args.npz}, inputs, folders={"--sample-dir": args.sample_dir})
+    check_outputs({"--npz": args.npz}, inputs, folders={"--sample-dir": args.sample_dir,
+                                                         "--save-latents": args.save_latents})
     with bootstrap(args) as rt:
         loaded, process, codec, spec = _prepare(args, rt)
         name = run_name(args.ckpt, spec, args.global_seed, args.num_fid_samples)
         run_dir = Path(args.sample_dir) / name
         npz_path = Path(args.npz) if args.npz else Path(args.sample_dir) / f"{name}.npz"
         check_outputs({"--npz": npz_path, "--npz (its protocol .json)": npz_path.with_suffix(".json")}, inputs,
-                      folders={"--sample-dir (run folder)": run_dir})
+                      folders={"--sample-dir (run folder)": run_dir, "--save-latents": args.save_latents})
         rt.log_to(run_dir)
         rt.logger.info(f"{args.ckpt} ({loaded.weights} weights): {spec.describe()}, vae {codec.name}, "
                        f"{rt.env.device.type}")
         generate_fid_samples(loaded, process, codec, spec, env=rt.env, seed=args.global_seed,
                              num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size, run_dir=run_dir,
-                             npz_path=npz_path, tf32=args.tf32, save_png=args.save_png, logger=rt.logger)
+                             npz_path=npz_path, tf32=args.tf32, save_png=args.save_png,
+                             latents_dir=args.save_latents, logger=rt.logger)
     return npz_path
 
 
 __all__ = [
-    "GRID_NROW", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels",
-    "image_seeds", "load_for_sampling", "resolve_class_labels", "run_name", "run_sample", "run_sample_ddp",
+    "GRID_NROW", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels", "image_seeds",
+    "latents_source", "load_for_sampling", "resolve_class_labels", "run_name", "run_sample", "run_sample_ddp",
     "sample_images", "sample_latents", "sampling_protocol", "save_grid", "to_uint8", "write_npz",
 ]
