@@ -18,10 +18,11 @@ import re
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tinyfusion.errors import AmbiguousWeights, UserError
+
+from .attention import ATTENTION_KINDS, Attention, attention_spec
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -96,31 +97,6 @@ class LabelEmbedder(nn.Module):
 #                                 Core DiT Model                                #
 #################################################################################
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's parameter layout).
-
-    The head dimension defaults to dim / num_heads (every official model); width pruning gives
-    blocks other head counts and dimensions, so both are free: qkv maps dim to 3 * H * head_dim.
-    """
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None):
-        super().__init__()
-        if head_dim is None:
-            if dim % num_heads:
-                raise UserError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
-            head_dim = dim // num_heads
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=True)
-        self.proj = nn.Linear(num_heads * head_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
-
-
 class Mlp(nn.Module):
     """Two-layer feed-forward network with tanh-approximated GELU (timm's parameter layout)."""
 
@@ -153,10 +129,10 @@ class DiTBlock(nn.Module):
     """A transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, head_dim: int | None = None,
-                 mlp_hidden: int | None = None):
+                 mlp_hidden: int | None = None, attention: dict | None = None, grid: tuple[int, int] | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, head_dim)
+        self.attn = Attention(hidden_size, num_heads, head_dim, kind=attention, grid=grid)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_hidden if mlp_hidden is not None else int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -188,8 +164,9 @@ class DiT(nn.Module):
 
     The official constructor, plus two keyword arguments that make a config complete:
     `block_widths` (one {"num_heads", "head_dim", "mlp_hidden"} per block; uniform from hidden_size,
-    num_heads and mlp_ratio when None, as every official model) and `attention` (the attention kind,
-    {"kind": "global"}). `config` always records both explicitly.
+    num_heads and mlp_ratio when None, as every official model) and `attention` (the attention kind of
+    every block, `models.attention`: {"kind": "global"}, the official models and the default, or CLEAR's
+    {"kind": "local", "radius": r, "pool": f}). `config` always records both explicitly.
     """
 
     arch = "DiT"
@@ -198,8 +175,9 @@ class DiT(nn.Module):
     # What a teacher must share with its student for Masked KD (tinyfusion.kd.check_teacher_fits): the classes,
     # the width the feature loss compares, the patches and the output (with or without the learned variance).
     teacher_compatible_keys = ("num_classes", "hidden_size", "learn_sigma", "patch_size")
-    # Fields of the config that no state dict shows; they are recorded in our files.
-    ATTENTION_KINDS = ("global",)
+    # The attention kinds its blocks build (models/attention.py); no state dict shows the kind, so our files
+    # record it in the config.
+    ATTENTION_KINDS = ATTENTION_KINDS
 
     def __init__(
         self,
@@ -224,10 +202,7 @@ class DiT(nn.Module):
             else [dict(w) for w in block_widths]
         if len(block_widths) != depth:
             raise UserError(f"block_widths lists {len(block_widths)} blocks but depth is {depth}")
-        attention = dict(attention or {"kind": "global"})
-        if attention.get("kind") not in self.ATTENTION_KINDS:
-            raise UserError(f"attention kind {attention.get('kind')!r} is not supported by {self.arch}; "
-                             f"known: {', '.join(self.ATTENTION_KINDS)}")
+        attention = attention_spec(attention)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
@@ -246,8 +221,10 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed 2D sin-cos position embedding; a persistent buffer keeps the official key `pos_embed`.
         self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
+        grid = (input_size // patch_size, input_size // patch_size)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, w["num_heads"], head_dim=w["head_dim"], mlp_hidden=w["mlp_hidden"])
+            DiTBlock(hidden_size, w["num_heads"], head_dim=w["head_dim"], mlp_hidden=w["mlp_hidden"],
+                     attention=attention, grid=grid)
             for w in block_widths])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
