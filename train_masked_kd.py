@@ -7,6 +7,15 @@ Usage:
 loss = alpha * KD + (1 - alpha) * GT + beta * FEAT (TinyFusion, section 3.3). Student block i is
 distilled from the teacher block it was pruned from (read from the student checkpoint's lineage);
 --layer-map overrides it. Running the same command again resumes the run.
+
+CLEAR (local attention, on the teacher's own samples from `sample_ddp.py --save-latents`):
+    sample_ddp.py --ckpt pretrained/DiT-XL-2-256x256.pt --model DiT-XL/2 --num-fid-samples 10000 \
+        --save-latents data/self_generated
+    torchrun --nproc_per_node=8 train_masked_kd.py --load-weight pretrained/DiT-XL-2-256x256.pt --model DiT-XL/2 \
+        --load-teacher pretrained/DiT-XL-2-256x256.pt --teacher DiT-XL/2 --data-path data/self_generated \
+        --attention local --attention-radius 8 --max-steps 10000
+The student (the teacher's model, or a pruned one) is converted to local attention and only its attention
+layers train: loss = GT + 0.5 * PRED + 0.5 * ATTN (tinyfusion/clear.py).
 """
 
 from tinyfusion.args import Parser, add_model_args, add_recovery_args, add_runtime_args, add_training_args, to_options
@@ -36,6 +45,11 @@ def parse_args(argv=None):
                        help="mask hidden-state entries beyond this many std from their mean; 0 disables the mask")
     group.add_argument("--layer-map", type=str, default=None,
                        help="student:teacher block pairs, e.g. '0:0,1:2'; default: from the student's lineage")
+    clear = parser.add_argument_group("CLEAR: local attention distilled from the global teacher (--attention local)")
+    clear.add_argument("--pred-weight", type=float, default=0.5,
+                       help="weight of the prediction distance in gt + pred + attn (CLEAR: 0.5)")
+    clear.add_argument("--attn-weight", type=float, default=0.5,
+                       help="weight of the attention-output MSE, averaged over layers (CLEAR: 0.5)")
     add_recovery_args(parser)
     return parser.parse_args(argv)
 

@@ -37,6 +37,9 @@ from tinyfusion.errors import UserError
 
 ATTENTION_KINDS = ("global", "local")
 PATHS = ("auto", "flex", "tiled", "dense")
+# Why a family without an `attention` config key (MAR) refuses local attention.
+NO_ATTENTION_KINDS = ("local attention is defined on a full token grid, and MAR's encoder attends over the unmasked "
+                      "tokens of a random order plus its class buffer; it is built for DiT and SiT")
 
 
 def default_tile(radius: float) -> int:
@@ -348,6 +351,33 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
 
 
+def convert_attention(model: nn.Module, spec: dict) -> None:
+    """Make every attention of `model` (unwrapped) of the kind `spec`, in place, and record it in its config.
+    No parameter changes: CLEAR starts the local model from the global one's weights.
+
+    Raises:
+        UserError: a family whose blocks have no attention kinds, or a pooled branch the grid does not divide.
+    """
+    spec = attention_spec(spec)
+    if "attention" not in getattr(model, "config", {}):
+        raise UserError(f"--attention: a {getattr(model, 'arch', type(model).__name__)} has no attention kinds "
+                         f"({NO_ATTENTION_KINDS}); drop --attention")
+    modules = attention_modules(model)
+    for module in modules:
+        check_grid(spec, module.grid)
+    for module in modules:
+        module.kind = dict(spec)
+    model.config["attention"] = dict(spec)
+
+
+def block_attention(block: nn.Module) -> Attention:
+    """The one `Attention` of a transformer block (what CLEAR trains and compares per layer)."""
+    found = [m for m in block.modules() if isinstance(m, Attention)]
+    if len(found) != 1:
+        raise ValueError(f"a block holds {len(found)} attention modules, not one")
+    return found[0]
+
+
 def attention_modules(model: nn.Module) -> list[Attention]:
     """Every `Attention` of a model, in module order."""
     return [m for m in model.modules() if isinstance(m, Attention)]
@@ -362,9 +392,10 @@ def set_attention_path(model: nn.Module, path: str) -> None:
 
 
 def attention_paths(model: nn.Module, device: torch.device | str) -> str:
-    """What the log says: each attention kind of the model and the path it runs on `device`."""
+    """What the log says: each attention kind of the model and the path it runs on `device` ("" for a model
+    without these attention modules, MAR)."""
     seen = {}
     for m in attention_modules(model):
         seen.setdefault((describe_attention(m.kind), resolve_path(m.kind, device, m.path)), 0)
         seen[(describe_attention(m.kind), resolve_path(m.kind, device, m.path))] += 1
-    return ", ".join(f"{kind} ({path}, {n} layers)" for (kind, path), n in seen.items()) or "none"
+    return ", ".join(f"{kind} ({path}, {n} layers)" for (kind, path), n in seen.items())

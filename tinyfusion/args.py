@@ -13,6 +13,7 @@ import sys
 from typing import TypeVar
 
 from models import ARCHITECTURES, MODELS, plain_names
+from models.attention import ATTENTION_KINDS
 from processes import all_samplers
 from transport import DIFFUSION_FORMS
 
@@ -130,6 +131,15 @@ def add_model_args(parser: argparse.ArgumentParser, *, ckpt_flag: str = "--ckpt"
                        help="which weights of a training checkpoint to use")
     group.add_argument("--num-heads", type=int, default=None,
                        help="head count, for plain state dicts of non-official widths")
+    group.add_argument("--attention", choices=list(ATTENTION_KINDS), default=None,
+                       help="attention kind: what a bare state dict cannot say (it loads as global otherwise); a file "
+                            "of ours records its kind. train.py and train_masked_kd.py convert the model they train "
+                            "to this kind (CLEAR: --attention local --attention-radius R)")
+    group.add_argument("--attention-radius", type=float, default=None, metavar="R",
+                       help="local attention: each token attends to the tokens of the grid closer than R")
+    group.add_argument("--attention-pool", type=positive_int, default=1, metavar="F",
+                       help="local attention: also attend to keys and values average-pooled over FxF cells "
+                            "(CLEAR's down_factor); 1: off")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4.0) -> None:

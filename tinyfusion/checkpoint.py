@@ -44,10 +44,12 @@ from models import (
     total_depth,
     unwrap,
 )
+from models.attention import NO_ATTENTION_KINDS, attention_spec, describe_attention
 from processes import create_process
 
 from .errors import AmbiguousWeights, RunFailed, UserError
 from .fileio import atomic_write
+from .options import ModelOptions
 from .paths import file_sha256
 
 FORMAT = "tinyfusion-toolkit"
@@ -414,7 +416,7 @@ def config_differences(expected: dict, found: dict) -> list[str]:
 #################################################################################
 
 def load_model(path: str | os.PathLike, model_name: str | None = None, *, weights: str = "ema",
-               num_heads: int | None = None, groups: str | None = None) -> LoadedModel:
+               num_heads: int | None = None, groups: str | None = None, attention: dict | None = None) -> LoadedModel:
     """Rebuilds a model from any checkpoint a user holds.
 
     Args:
@@ -425,6 +427,9 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
         weights: "ema" (preferred when present) or "model".
         num_heads: head count for plain state dicts of non-official widths.
         groups: N:M groups to wrap the model in (overrides a gated name's preset).
+        attention: the attention kind the user states (`--attention`): a bare state dict cannot say it and loads as
+            global without it; a file of ours records its kind, and a stated kind that differs is refused (a local
+            model never reloads as global; converting is what training does, `convert_attention`).
     Returns:
         a LoadedModel (the model on CPU, eval mode).
     """
@@ -454,6 +459,8 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
             arch = arch_of_name  # e.g. a DiT file given --model SiT-XL/2: the layouts are equal
     else:
         arch, config = family_config(state_dict, arch_of_name, num_heads or fixed.get("num_heads"), path)
+    if attention is not None:
+        config = with_stated_attention(config, attention, arch, path, recorded=is_self_describing(obj))
     differences = config_differences(fixed, config)
     if differences:
         raise UserError(f"--model {model_name} does not match {path}:\n  " + "\n  ".join(differences)
@@ -487,6 +494,29 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, *, weight
                        codec=obj.get("codec") if is_self_describing(obj) else None,
                        lineage=obj.get("lineage") if is_self_describing(obj) else None,
                        weights=which, path=path, extra=extra)
+
+
+def load_with_flags(path: str | os.PathLike, args: ModelOptions) -> LoadedModel:
+    """`load_model` with a script's model flags: --model, --weights, --num-heads and --attention."""
+    return load_model(path, args.model, weights=args.weights, num_heads=args.num_heads,
+                      attention=args.stated_attention())
+
+
+def with_stated_attention(config: dict, attention: dict, arch: str, path: str, *, recorded: bool) -> dict:
+    """`config` with the attention kind `--attention` states: what a bare state dict needs, and what a file of ours
+    must agree with."""
+    if "attention" not in config:
+        raise UserError(f"--attention: {path} holds a {arch}, which has no attention kinds ({NO_ATTENTION_KINDS}); "
+                         "drop --attention")
+    if recorded:
+        found = attention_spec(config["attention"])
+        if found != attention:
+            raise UserError(f"--attention says {describe_attention(attention)} but {path} records "
+                             f"{describe_attention(found)} attention: drop --attention (the file describes its model); "
+                             "to convert a model to local attention, distil it with train_masked_kd.py --attention "
+                             "local --attention-radius R")
+        return config
+    return {**config, "attention": attention}
 
 
 def process_arguments(family: type[nn.Module], process: dict) -> dict:

@@ -23,6 +23,7 @@ from models import layer_map as lineage_layer_map
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
+from .clear import ClearTask, train_only_attention
 from .engine import Batch, Task
 from .errors import UserError
 from .options import MaskedKDOptions
@@ -177,12 +178,17 @@ def check_teacher_fits(student: LoadedModel, teacher: LoadedModel, path: str) ->
 
 
 def run_masked_kd(args: MaskedKDOptions) -> None:
-    """train_masked_kd.py: recover a pruned student by Masked KD from its teacher."""
+    """train_masked_kd.py: recover a pruned student by Masked KD from its teacher; with `--attention local`, distil
+    local attention into the student by CLEAR (tinyfusion/clear.py), training its attention layers only."""
     if not args.load_weight:
         raise UserError("give the pruned student with --load-weight")
     if not args.load_teacher:
         raise UserError("give the teacher with --load-teacher: the model the student was pruned from")
-    with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-masked-kd",
+    stated = args.stated_attention()
+    clear = stated is not None and stated["kind"] == "local"
+    check_method_flags(args, clear)
+    method = "clear" if clear else "masked-kd"
+    with start_run(args, default_prefix=f"{Path(args.load_weight).stem}-{method}",
                    outputs={"--save-model": args.save_model}) as run:
         student = model_for_training(args, run.dataset, run.logger)
         args = with_family_recipe(args, student.model)
@@ -197,7 +203,9 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
         s_depth, t_depth = total_depth(model), total_depth(teacher_model)
         if args.layer_map:
             mapping = parse_layer_map(args.layer_map, s_depth, t_depth)
-        elif args.beta_feat > 0:
+        elif clear and student.lineage is None and s_depth == t_depth:
+            mapping = {i: i for i in range(s_depth)}  # the teacher's own blocks, made local
+        elif clear or args.beta_feat > 0:
             mapping = default_layer_map(student.lineage, s_depth, t_depth)
         else:
             mapping = {}
@@ -206,9 +214,28 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
         run.logger.info("layer map (student block -> teacher block): "
                         + (", ".join(f"{s}->{t}" for s, t in mapping.items()) or "none (output KD only)"))
         process = create_process(student.process)
-        task = MaskedKDTask(process, teacher_model, model, mapping, alpha_kd=args.alpha_kd,
-                            beta_feat=args.beta_feat, mask_k=None if args.mask_k <= 0 else args.mask_k)
+        if clear:
+            trainable = train_only_attention(model)
+            run.logger.info(f"CLEAR: loss = gt + {args.pred_weight:g} pred + {args.attn_weight:g} attn; training "
+                            f"the attention layers only ({trainable:,} of {parameter_count(model):,} parameters)")
+            task = ClearTask(process, teacher_model, model, mapping, pred_weight=args.pred_weight,
+                             attn_weight=args.attn_weight)
+            settings = {"method": method, "layer_map": {str(k): v for k, v in mapping.items()}}
+        else:
+            task = MaskedKDTask(process, teacher_model, model, mapping, alpha_kd=args.alpha_kd,
+                                beta_feat=args.beta_feat, mask_k=None if args.mask_k <= 0 else args.mask_k)
+            settings = {"layer_map": {str(k): v for k, v in mapping.items()}}
         steps = total_steps(args, run.dataset)
-        train_and_save(args, run, student, model, task, process, steps, "train_masked_kd.py",
-                       settings={"layer_map": {str(k): v for k, v in mapping.items()}},
-                       extra={"teacher": args.load_teacher})
+        train_and_save(args, run, student, model, task, process, steps, "train_masked_kd.py", settings=settings,
+                       extra={"teacher": args.load_teacher, "method": method})
+
+
+def check_method_flags(args: MaskedKDOptions, clear: bool) -> None:
+    """The loss flags of the method that does not run are refused rather than ignored."""
+    defaults = MaskedKDOptions()
+    other = ("alpha_kd", "beta_feat", "mask_k") if clear else ("pred_weight", "attn_weight")
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        method = ("CLEAR's (--attention local): gt + pred + attn" if clear
+                  else "Masked KD's; --pred-weight and --attn-weight weigh CLEAR's loss, with --attention local")
+        raise UserError(f"{', '.join(given)}: this run's loss is {method}; drop {', '.join(given)}")

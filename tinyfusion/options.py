@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from models.attention import attention_spec
+
 from .distributed import default_num_workers
+from .errors import UserError
 
 
 @dataclasses.dataclass
@@ -23,11 +26,36 @@ class RuntimeOptions:
 
 @dataclasses.dataclass
 class ModelOptions:
-    """How a model is named and read: registry name, which weights, head count of a plain state dict."""
+    """How a model is named and read: registry name, which weights, head count of a plain state dict, and the
+    attention kind (`--attention`: what a bare state dict cannot say; the kind a training run converts to)."""
 
     model: str | None = None
     weights: str = "ema"
     num_heads: int | None = None
+    attention: str | None = None
+    attention_radius: float | None = None
+    attention_pool: int = 1
+
+    def stated_attention(self) -> dict | None:
+        """The attention kind the flags state, validated (models/attention.py), or None when they state none.
+
+        Raises:
+            UserError: a radius or pooling factor without `--attention local`, or local attention without a radius.
+        """
+        if self.attention is None:
+            if self.attention_radius is not None or self.attention_pool != 1:
+                raise UserError("--attention-radius and --attention-pool describe local attention: add "
+                                 "--attention local")
+            return None
+        if self.attention == "global":
+            if self.attention_radius is not None or self.attention_pool != 1:
+                raise UserError("--attention global takes no --attention-radius or --attention-pool; drop them, "
+                                 "or say --attention local")
+            return attention_spec({"kind": "global"})
+        if self.attention_radius is None:
+            raise UserError("--attention local needs --attention-radius R (tokens on the grid, e.g. 8)")
+        radius = int(self.attention_radius) if float(self.attention_radius).is_integer() else self.attention_radius
+        return attention_spec({"kind": "local", "radius": radius, "pool": self.attention_pool})
 
 
 @dataclasses.dataclass
@@ -78,6 +106,8 @@ class MaskedKDOptions(TrainOptions):
     alpha_kd: float = 0.9
     beta_feat: float = 1e-2
     mask_k: float = 2.0
+    pred_weight: float = 0.5  # CLEAR (--attention local): gt + pred_weight * pred + attn_weight * attn
+    attn_weight: float = 0.5
     layer_map: str | None = None
 
 

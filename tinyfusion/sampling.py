@@ -53,6 +53,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from models import unwrap
+from models.attention import attention_paths
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
@@ -133,13 +134,14 @@ class SamplingSpec:
 #################################################################################
 
 def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None = None, weights: str = "ema",
-                      num_heads: int | None = None, vae: str | None = None, device: torch.device | str = "cpu",
-                      logger: logging.Logger | None = None) -> tuple[LoadedModel, LatentCodec]:
+                      num_heads: int | None = None, attention: dict | None = None, vae: str | None = None,
+                      device: torch.device | str = "cpu", logger: logging.Logger | None = None
+                      ) -> tuple[LoadedModel, LatentCodec]:
     """The model (on `device`, eval mode) and the codec that turns its outputs into images.
 
     Args:
         ckpt: any checkpoint `tinyfusion.checkpoint.load_model` reads.
-        model_name, weights, num_heads: as for `load_model`.
+        model_name, weights, num_heads, attention: as for `load_model`.
         vae: the `--vae` spec ("ema", "mse", a diffusers folder, "none" for pixels); None or "auto" takes
             the codec the checkpoint records (see `tinyfusion.vae.resolve_codec`).
         device: where to sample.
@@ -148,7 +150,9 @@ def load_for_sampling(ckpt: str | os.PathLike | None, *, model_name: str | None 
     """
     if not ckpt:
         raise UserError("no checkpoint given: pass --ckpt PATH (official DiT weights, a TinyFusion or toolkit file)")
-    loaded = load_model(ckpt, model_name, weights=weights, num_heads=num_heads)
+    loaded = load_model(ckpt, model_name, weights=weights, num_heads=num_heads, attention=attention)
+    if logger is not None and attention_paths(loaded.model, device):
+        logger.info(f"attention: {attention_paths(loaded.model, device)}")
     in_channels = unwrap(loaded.model).data_shape[0]
     spec, why = resolve_codec(vae, loaded.codec, in_channels)
     if logger is not None and vae in (None, "auto"):
@@ -329,7 +333,8 @@ def guidance_scale(args: SamplingOptions, loaded: LoadedModel) -> float:
 def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProcess, LatentCodec, SamplingSpec]:
     """The model, its process and codec, and the sampling spec of a sampling script's options."""
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
-                                      num_heads=args.num_heads, vae=args.vae, device=rt.env.device, logger=rt.logger)
+                                      num_heads=args.num_heads, attention=args.stated_attention(), vae=args.vae,
+                                      device=rt.env.device, logger=rt.logger)
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
                                     options=sampler_options(args), data_shape=unwrap(loaded.model).data_shape,

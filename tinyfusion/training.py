@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from models import create_model, total_depth, unwrap
+from models.attention import attention_paths, convert_attention, describe_attention
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model, save_model
@@ -215,6 +216,12 @@ def model_for_training(args: TrainingOptions, dataset: FeatureDataset, logger: l
     else:
         raise UserError("give --load-weight (a checkpoint to start from) or --model (a registry model to train "
                          "from scratch)")
+    stated = args.stated_attention()
+    if stated is not None and stated != loaded.config.get("attention"):
+        before = describe_attention(loaded.config["attention"]) if "attention" in loaded.config else "none"
+        convert_attention(unwrap(loaded.model), stated)
+        loaded.config = dict(unwrap(loaded.model).config)
+        logger.info(f"attention: {before} -> {describe_attention(stated)} (--attention; every weight kept)")
     check_data_fits(loaded.model, dataset)
     adopt_data_codec(loaded, dataset, logger)
     return loaded
@@ -259,6 +266,9 @@ def train_and_save(args: TrainOptions, run: Run, loaded: LoadedModel, model: nn.
         settings: resolved settings beyond the options (e.g. the layer map), compared on resume.
         extra: what the saved file records beyond the script, the steps and the starting point.
     """
+    paths = attention_paths(model, run.env.device)
+    if paths:
+        run.logger.info(f"attention: {paths}")
     trainer = Trainer(
         env=run.env, model=model, param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
         task=task, dataset=run.dataset, config=train_config(args, run, steps), process=process,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from models import BlockRecorder, flat_blocks, stack_depths, total_depth, width_stack_keys
 from processes import NoiseProcess
 
-from ..checkpoint import LoadedModel, load_model
+from ..checkpoint import LoadedModel, load_with_flags
 from ..distributed import all_reduce_sum, barrier
 from ..errors import UserError
 from ..features import SeedPurpose, derive_seed
@@ -192,7 +192,7 @@ def run_prune_by_score(args: ScorePruningOptions) -> None:
     check_outputs({"--save-model": args.save_model, "--save-scores": scores_path},
                   {"--ckpt": args.ckpt, "--data-path": args.data_path})
     with bootstrap(args) as rt:
-        source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
+        source = load_with_flags(args.ckpt, args)
         if args.width_ratio is not None:
             width_stack_keys(source.model)  # a family that cannot be narrowed is refused before any work
         depth = total_depth(source.model)

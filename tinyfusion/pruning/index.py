@@ -8,7 +8,7 @@ from typing import Sequence
 
 from models import join_indices, parse_stack_indices, stack_depths, validate_kept_indices
 
-from ..checkpoint import load_model
+from ..checkpoint import load_with_flags
 from ..distributed import barrier
 from ..errors import UserError
 from ..options import IndexPruningOptions, RuntimeOptions
@@ -51,7 +51,7 @@ def run_prune_by_index(args: IndexPruningOptions) -> None:
 
 
 def _prune_by_index(args: IndexPruningOptions, logger: logging.Logger) -> None:
-    source = load_model(args.ckpt, args.model, weights=args.weights, num_heads=args.num_heads)
+    source = load_with_flags(args.ckpt, args)
     depths = stack_depths(source.model)
     depth = sum(depths.values())
     if args.preset == "oracle":

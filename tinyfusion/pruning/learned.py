@@ -20,7 +20,7 @@ import torch.nn as nn
 from models import GatedModel, format_groups, parse_stack_groups, stack_depths
 from processes import NoiseProcess, create_process
 
-from ..checkpoint import LoadedModel, load_model
+from ..checkpoint import LoadedModel, load_model, load_with_flags
 from ..distributed import barrier
 from ..engine import Trainer
 from ..errors import UserError
@@ -152,7 +152,7 @@ def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
 def _gated_source(args: LearnedPruningOptions) -> LoadedModel:
     if args.model is None and args.groups is None:
         raise UserError("give a gated model (e.g. --model DiT-XL-1-2) or N:M groups (--groups 14x1:2)")
-    loaded = load_model(args.load_weight, args.model, weights=args.weights, num_heads=args.num_heads)
+    loaded = load_with_flags(args.load_weight, args)
     if args.groups is not None:
         base = loaded.model.release() if isinstance(loaded.model, GatedModel) else loaded.model
         loaded.model = GatedModel(base, parse_stack_groups(args.groups, stack_depths(base)))
@@ -218,7 +218,8 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
                     f"{decision['kept_indices']}: the EMA still remembers earlier steps; the EMA decision is saved. "
                     "A longer run, or a smaller --ema-decay, lets them agree")
             # The weight updates only simulated fine-tuning: the pruned model starts from the original weights.
-            original = load_model(args.load_weight, loaded.arch, weights=args.weights, num_heads=args.num_heads)
+            original = load_model(args.load_weight, loaded.arch, weights=args.weights, num_heads=args.num_heads,
+                                      attention=args.stated_attention())
             original.process, original.codec = loaded.process, loaded.codec
             summary = {"kept_indices": decision["kept_indices"], "confidence": decision["confidence"],
                        "options": decision["options"], "raw_kept_indices": raw["kept_indices"],
