@@ -5,6 +5,7 @@ pooled key with a pooled branch. Each path is compared with a softmax written ou
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -102,6 +103,9 @@ def test_every_path_computes_the_definition(grid, radius, pool, tile):
     assert_fp32_close(_flex(q, k, v, grid, radius, pool, compiled=False), expected, KERNEL_REL)
 
 
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+                    reason="torch 2.14.1's inductor emits at::vec::transpose_block for FlexAttention, which the "
+                           "default (non-vectorised) CPU capability lacks: the C++ does not compile")
 def test_compiled_flex_attention_computes_the_definition():
     """The CUDA fast path's kernel, compiled here on the CPU: a non-square grid, a head width that is no power
     of two (DiT-XL/2's heads are 72 wide) and a pooled branch."""
