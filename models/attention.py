@@ -144,22 +144,30 @@ def pooled_keys(x: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tens
 #                               Execution paths                                 #
 #################################################################################
 
-def resolve_path(spec: dict, device: torch.device | str, path: str = "auto") -> str:
-    """The path an attention of this kind runs on `device`: "sdpa" for global attention; for local,
-    `path` unless "auto", which is FlexAttention on CUDA and the halo-tiled path elsewhere."""
+def resolve_path(spec: dict, device: torch.device | str, path: str = "auto", grid: tuple[int, int] | None = None
+                 ) -> str:
+    """The path an attention of this kind runs on `device`: "sdpa" for global attention; for local, `path` unless
+    "auto": FlexAttention on CUDA; elsewhere the halo-tiled path, or the dense mask on a grid so small that a
+    tile's window would read more than half the tokens (a radius near the grid's size: tiling saves nothing)."""
     if path not in PATHS:
         raise UserError(f"attention path {path!r} is not known; known: {', '.join(PATHS)}")
     if spec["kind"] == "global":
         return "sdpa"
     if path != "auto":
         return path
-    return "flex" if torch.device(device).type == "cuda" else "tiled"
+    if torch.device(device).type == "cuda":
+        return "flex"
+    if grid is not None:
+        tile, h, _, _ = tile_layout(grid, spec["radius"])
+        if 2 * (tile + 2 * h) ** 2 > grid[0] * grid[1]:
+            return "dense"
+    return "tiled"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: dict, grid: tuple[int, int],
            path: str = "auto") -> torch.Tensor:
     """Attention of q over k, v under the kind `spec` on a `grid` of tokens; (B, H, T, D) in and out."""
-    path = resolve_path(spec, q.device, path)
+    path = resolve_path(spec, q.device, path, grid)
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if q.shape[2] != grid[0] * grid[1]:
@@ -394,8 +402,8 @@ def set_attention_path(model: nn.Module, path: str) -> None:
 def attention_paths(model: nn.Module, device: torch.device | str) -> str:
     """What the log says: each attention kind of the model and the path it runs on `device` ("" for a model
     without these attention modules, MAR)."""
-    seen = {}
+    seen: dict[tuple[str, str], int] = {}
     for m in attention_modules(model):
-        seen.setdefault((describe_attention(m.kind), resolve_path(m.kind, device, m.path)), 0)
-        seen[(describe_attention(m.kind), resolve_path(m.kind, device, m.path))] += 1
+        key = (describe_attention(m.kind), resolve_path(m.kind, device, m.path, m.grid))
+        seen[key] = seen.get(key, 0) + 1
     return ", ".join(f"{kind} ({path}, {n} layers)" for (kind, path), n in seen.items())

@@ -22,6 +22,7 @@ from models.attention import (
     convert_attention,
     local_mask,
     pooled_keys,
+    resolve_path,
     set_attention_path,
     tile_layout,
     tile_mask,
@@ -169,7 +170,7 @@ def test_the_kind_changes_no_parameter_and_converts_in_place():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert model.config["attention"] == {"kind": "local", "radius": 2, "pool": 2}
-    assert attention_paths(model, "cpu") == "local r=2 + keys pooled 2x2 (tiled, 4 layers)"
+    assert attention_paths(model, "cpu") == "local r=2 + keys pooled 2x2 (dense, 4 layers)"  # 4x4 tokens
     rebuilt = build_architecture("DiT", model.config).eval()
     rebuilt.load_state_dict(after)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 9])
@@ -223,6 +224,17 @@ def test_a_pooled_branch_needs_a_factor_of_the_grid():
     with pytest.raises(UserError, match="does not divide"):
         convert_attention(model, {"kind": "local", "radius": 2, "pool": 3})
     assert model.config["attention"] == {"kind": "global"}  # refused before anything changed
+
+
+def test_the_automatic_path_follows_the_device_and_the_grid():
+    r8 = attention_spec({"kind": "local", "radius": 8})
+    assert resolve_path(r8, "cuda", "auto", (16, 16)) == "flex"
+    assert resolve_path(r8, "cpu", "auto", (64, 64)) == "tiled"  # a tile reads 22^2 of 4096 keys
+    assert resolve_path(r8, "cpu", "auto", (16, 16)) == "dense"  # 22^2 of 256: tiling saves nothing
+    assert resolve_path(r8, "cpu", "dense", (64, 64)) == "dense"
+    assert resolve_path({"kind": "global"}, "cuda", "auto", (64, 64)) == "sdpa"
+    with pytest.raises(UserError, match="attention path 'fast' is not known"):
+        resolve_path(r8, "cpu", "fast")
 
 
 def test_global_attention_is_plain_sdpa():
