@@ -283,8 +283,12 @@ FLEX_RECOMPILE_LIMIT = 64
 def compiled_flex_attention():
     import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_RECOMPILE_LIMIT)
-    dynamo_config.fail_on_recompile_limit_hit = True
+    # torch 2.7 renamed cache_size_limit to recompile_limit (requirements.txt allows torch from 2.5).
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), FLEX_RECOMPILE_LIMIT))
+    fail = "fail_on_recompile_limit_hit" if hasattr(dynamo_config, "fail_on_recompile_limit_hit") \
+        else "fail_on_cache_limit_hit"
+    setattr(dynamo_config, fail, True)
     return torch.compile(flex_attention, dynamic=False)
 
 
