@@ -286,9 +286,10 @@ def compiled_flex_attention():
     # torch 2.7 renamed cache_size_limit to recompile_limit (requirements.txt allows torch from 2.5).
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), FLEX_RECOMPILE_LIMIT))
-    fail = "fail_on_recompile_limit_hit" if hasattr(dynamo_config, "fail_on_recompile_limit_hit") \
-        else "fail_on_cache_limit_hit"
-    setattr(dynamo_config, fail, True)
+    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(dynamo_config, fail):
+            setattr(dynamo_config, fail, True)
+            break
     return torch.compile(flex_attention, dynamic=False)
 
 
