@@ -79,11 +79,14 @@ def parse_layer_map(text: str, student_depth: int, teacher_depth: int) -> dict[i
     return mapping
 
 
-def default_layer_map(lineage: dict | None, student_depth: int, teacher_depth: int) -> dict[int, int]:
-    """Student block i -> the teacher block it was copied from, read from the student's lineage."""
+def default_layer_map(lineage: dict | None, student_depth: int, teacher_depth: int, *,
+                      clear: bool = False) -> dict[int, int]:
+    """Student block i -> the teacher block it was copied from, read from the student's lineage. `clear`: for CLEAR,
+    which compares attention layers and has no output-only mode to offer instead (its run refuses --beta-feat)."""
     if lineage is None:
+        instead = "" if clear else ", or --beta-feat 0 for output KD only"
         raise UserError("the student checkpoint records no lineage (which teacher block each of its blocks came "
-                         "from): pass --layer-map, e.g. '0:0,1:2,...', or --beta-feat 0 for output KD only")
+                         f"from): pass --layer-map, e.g. '0:0,1:2,...'{instead}")
     if lineage["source_depth"] != teacher_depth:
         raise UserError(f"the student was pruned from a model of depth {lineage['source_depth']} but the teacher "
                          f"has depth {teacher_depth}; use the teacher it was pruned from, or pass --layer-map")
@@ -206,7 +209,7 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
         elif clear and student.lineage is None and s_depth == t_depth:
             mapping = {i: i for i in range(s_depth)}  # the teacher's own blocks, made local
         elif clear or args.beta_feat > 0:
-            mapping = default_layer_map(student.lineage, s_depth, t_depth)
+            mapping = default_layer_map(student.lineage, s_depth, t_depth, clear=clear)
         else:
             mapping = {}
         run.logger.info(f"student: {parameter_count(model):,} parameters, depth {s_depth}; teacher: "
