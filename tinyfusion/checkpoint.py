@@ -511,10 +511,14 @@ def with_stated_attention(config: dict, attention: dict, arch: str, path: str, *
     if recorded:
         found = attention_spec(config["attention"])
         if found != attention:
+            if attention["kind"] == "global":  # its attention weights were distilled for its window
+                how = "a local model does not reload as global"
+            else:
+                how = ("to convert a model to local attention or another radius, distil it with train_masked_kd.py "
+                       "--attention local --attention-radius R")
             raise UserError(f"--attention says {describe_attention(attention)} but {path} records "
                              f"{describe_attention(found)} attention: drop --attention (the file describes its model); "
-                             "to convert a model to local attention, distil it with train_masked_kd.py --attention "
-                             "local --attention-radius R")
+                             + how)
         return config
     return {**config, "attention": attention}
 
