@@ -103,7 +103,7 @@ def pooled_grid(grid: tuple[int, int], pool: int) -> tuple[int, int]:
 def check_grid(spec: dict, grid: tuple[int, int]) -> None:
     """A pooled branch needs a grid its factor divides."""
     if spec["kind"] == "local" and spec["pool"] > 1 and (grid[0] % spec["pool"] or grid[1] % spec["pool"]):
-        raise UserError(f"the pooled branch's factor {spec['pool']} does not divide the token grid "
+        raise UserError(f"the pooled branch's factor {spec['pool']} (--attention-pool) does not divide the token grid "
                          f"{grid[0]}x{grid[1]}: choose a factor of both sides")
 
 

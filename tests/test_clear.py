@@ -298,7 +298,7 @@ def errors(clear, tmp_path_factory):
                                    ["--attention says global", f"{root / 'self.pt'} records local r=1",
                                     "drop --attention", "does not reload as global"]),
         "pool-not-dividing-the-grid": (sample(out, teacher, "x", *BARE, *local, "--attention-pool", "3"),
-                                       ["factor 3 does not divide the token grid 4x4"]),
+                                       ["factor 3 (--attention-pool) does not divide the token grid 4x4"]),
         "mar": (["train_masked_kd.py", "--load-weight", str(out / "mar.pt"), "--load-teacher", str(out / "mar.pt"),
                  "--data-path", str(root / "latents"), "--results-dir", str(out / "runs"), "--prefix", "mar", *local],
                 ["MAR has no attention kinds", "full token grid", "drop --attention"]),

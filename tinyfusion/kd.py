@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from models import BlockRecorder, flat_blocks, total_depth, unwrap
 from models import layer_map as lineage_layer_map
+from models.attention import describe_attention
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
@@ -213,7 +214,10 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
         else:
             mapping = {}
         run.logger.info(f"student: {parameter_count(model):,} parameters, depth {s_depth}; teacher: "
-                        f"{parameter_count(teacher_model):,} parameters, depth {t_depth} ({args.load_teacher})")
+                        f"{parameter_count(teacher_model):,} parameters, depth {t_depth} ({args.load_teacher})"
+                        + (f"; attention: student {describe_attention(student.config['attention'])}, teacher "
+                           f"{describe_attention(teacher.config['attention'])}" if "attention" in teacher.config
+                           else ""))
         run.logger.info("layer map (student block -> teacher block): "
                         + (", ".join(f"{s}->{t}" for s, t in mapping.items()) or "none (output KD only)"))
         process = create_process(student.process)
