@@ -4,6 +4,7 @@ Usage:
     python quickstart.py                 # about 40 minutes on 2 CPU cores (README: measured)
     python quickstart.py --fast          # about 2 minutes: every stage, tiny budgets (for tests)
     python quickstart.py --data-path my_images --image-size 16   # your own image folder
+    python quickstart.py --clear         # also the teacher with CLEAR's local attention, distilled
 
 scikit-learn's 8x8 handwritten digits (shipped with the package) in pixel space: a small DiT is
 trained from scratch as the stand-in for a pretrained DiT-XL/2, pruned to half depth by TinyFusion
@@ -40,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--exhaustive", action="store_true",
                         help="also cut every 1:2 pattern from the teacher (16 for 8 blocks), recover each with the "
                              "same budget, and rank every method's pick among them (about 13 minutes more)")
+    parser.add_argument("--clear", action="store_true",
+                        help="also give the teacher CLEAR's local attention (radius: a quarter of its token grid's "
+                             "side, at least 2), its attention layers distilled on its own samples with the recovery "
+                             "budget, scored as a row beside its untrained conversion (DiT, SiT; a few minutes more)")
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,9 @@ sampling and scoring. Inception features mean nothing on 8x8 digits, so FID is c
 feature space of a small digits classifier and labelled as such; the two halves of the real
 digits scored against each other give the floor.
 
+With --clear (DiT, SiT), the teacher also gets CLEAR's local attention, distilled on its own samples, as a
+row beside the pruned models.
+
 Every step runs a script of the repository as a subprocess (torchrun for the distributed ones),
 with its output in OUT/logs/STEP.log; a failing step stops the run with its command and output.
 Running again skips the steps whose output exists (the teacher above all) and redoes the rest; the
@@ -34,7 +37,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from models import stack_depths, total_depth
+from models import stack_depths, total_depth, unwrap
+from models.attention import NO_ATTENTION_KINDS, attention_modules, describe_attention
 from tinyfusion.errors import UserError
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
 from tinyfusion.sampling import save_grid
@@ -49,8 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 # multiplies the small head's noise error by about 650; with 250 steps by far less (FID 3.9). The steps
 # cost little next to the iterations: a small MLP on one token.
 FAMILIES = {
-    "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"], "width": True},
-    "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"], "width": True},
+    "dit": {"teacher": "DiT-Nano/2", "sampler": ["--sampler", "ddim"], "width": True, "clear": True},
+    "sit": {"teacher": "SiT-Nano/2", "sampler": ["--sampler", "ode", "--sampling-method", "heun"], "width": True,
+            "clear": True},
     "mar": {"teacher": "MAR-Nano", "sampler": ["--sampler", "mar", "--num-iter", "8"], "sampling_steps": 250},
 }
 
@@ -73,6 +78,7 @@ class Budget:
     wide_prune_steps: int  # the cap of TinyFusion's one group over all blocks (C(8,4) = 70 options)
     decision_seeds: int  # every learned decision is made with this many seeds
     fid_seeds: int  # the teacher is sampled with this many seeds: the spread of its FID
+    clear_samples: int  # --clear: the teacher's own samples that CLEAR distils on (recorded only with --clear)
 
 
 # Measured on 2 CPU cores: what DiT-Nano/2 learns in a fixed time depends on the number of updates
@@ -88,10 +94,13 @@ class Budget:
 STOP_CONFIDENCE = 0.9
 DEFAULT = Budget(teacher_steps=4000, teacher_lr=2e-3, batch_size=64, prune_steps=300, recover_steps=250,
                  recover_lr=5e-4, num_samples=898, sampling_steps=10, cfg_scale=2.0, classifier_epochs=10,
-                 ema_decay=0.995, wide_prune_steps=3000, decision_seeds=3, fid_seeds=3)
+                 ema_decay=0.995, wide_prune_steps=3000, decision_seeds=3, fid_seeds=3, clear_samples=2048)
 FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, recover_steps=8,
               recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9,
-              wide_prune_steps=16, decision_seeds=2, fid_seeds=2)
+              wide_prune_steps=16, decision_seeds=2, fid_seeds=2, clear_samples=128)
+# The budget fields of the CLEAR stage: a folder records them once it runs the stage (--clear), so a folder made
+# before the stage existed, or without --clear, stays valid.
+CLEAR_FIELDS = ("clear_samples",)
 
 # The pruning methods compared, at half depth, with the same freedom where it matters: "learned
 # 1:2" chooses one block of each pair; "learned 4:8" chooses any half of the blocks, as the
@@ -108,6 +117,33 @@ METHOD_LABELS = {
     "bi": "ShortGPT block influence", "loss": "loss sensitivity", "oracle": "BK-SDM oracle", "random": "random",
     "diff-pruning": "Diff-Pruning (Taylor over timesteps), half of every block's heads and MLP channels",
 }
+
+# CLEAR (--clear): the teacher's attention made local (each token attends to the tokens of the grid closer than r),
+# its attention layers distilled with CLEAR's loss (gt + 0.5 pred + 0.5 attn) on the teacher's own samples, for the
+# recovery budget of the pruned models, so the ceiling row (the teacher trained as long) is its control too. The
+# same conversion with no training (one step at learning rate 0: train_masked_kd.py saves every weight of the
+# teacher, with local attention) gives the row's FID before distillation: what distillation buys.
+# The samples are drawn as the teacher's FID samples are (sampler, steps, guidance), from a seed no FID set uses;
+# the default run draws 2048, about the digits' 1797, so that its 250 steps of 64 see each about 8 times, as the
+# recovery runs see the real digits. Measured on the default run's teacher (FID 4.00; 3.24 and 3.63 with the other
+# sampling seeds): local r=2 scores 5.00 converted without training and 3.95 distilled (4.56 / 3.29 and 5.25 / 3.80
+# with the other seeds). CLEAR's pooled branch (--attention-pool 2: each query also attends to the keys averaged over
+# the 2x2 cells of the grid) helps before distillation (4.33) but not after (3.96), and adds keys to every query: off.
+CLEAR_SEED_OFFSET = 1000
+CLEAR_POOL = 1
+
+
+def clear_attention(grid: tuple[int, int]) -> dict:
+    """The local attention --clear gives a teacher of this token grid: r is a quarter of the grid's shorter side (a
+    16x16 grid: 4), and at least 2, the 3x3 neighbourhood (at r <= sqrt(2) a token sees a cross of 5 tokens, at
+    r <= 1 itself alone). On the digits' 4x4 grid (8x8 pixels, patches of 2) r = 2: 9 of the 16 tokens at most, 4 at a
+    corner."""
+    return {"kind": "local", "radius": max(2, min(grid) // 4), "pool": CLEAR_POOL}
+
+
+def clear_name(spec: dict) -> str:
+    """The file and row name of a local attention: local-r2, local-r2-pool2."""
+    return f"local-r{spec['radius']:g}" + (f"-pool{spec['pool']}" if spec["pool"] > 1 else "")
 
 
 # TinyFusion's choices measured against each other (1:2 groups, decisions only; with --exhaustive each pick
@@ -190,15 +226,21 @@ class Quickstart:
         data_path: an image folder of one's own instead of the digits.
         image_size: the (square) size images are cropped to; the model works in pixel space.
         seed: the global seed of every script.
+        family: the teacher's family (FAMILIES).
+        exhaustive: also cut, recover and score every 1:2 pattern.
+        clear: also give the teacher CLEAR's local attention, distilled on its own samples (DiT, SiT).
     """
 
     def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
-                 family: str = "dit", exhaustive: bool = False):
+                 family: str = "dit", exhaustive: bool = False, clear: bool = False):
         if family not in FAMILIES:
             raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+        if clear and not FAMILIES[family].get("clear"):
+            raise UserError(f"--clear gives the teacher local attention, which {FAMILIES[family]['teacher']} has not: "
+                             f"{NO_ATTENTION_KINDS}; drop --clear or choose --family dit or sit")
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
         self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
-        self.exhaustive = exhaustive
+        self.exhaustive, self.clear = exhaustive, clear
         # The rows' methods: depth pruning to half the blocks, and width pruning where the family allows it.
         self.methods = METHODS + (WIDTH_METHODS if FAMILIES[family].get("width") else ())
         self.data_path, self.image_size = data_path, image_size
@@ -266,20 +308,29 @@ class Quickstart:
     # ----------------------------------------------------------------- the steps
 
     def settings(self) -> dict:
-        settings = {"budget": dataclasses.asdict(self.budget), "data_path": self.data_path,
-                    "image_size": self.image_size, "seed": self.seed}
+        budget = dataclasses.asdict(self.budget)
+        clear = {k: budget.pop(k) for k in CLEAR_FIELDS}
+        settings = {"budget": budget, "data_path": self.data_path, "image_size": self.image_size, "seed": self.seed,
+                    **({"clear": clear} if self.clear else {})}
         return settings if self.family == "dit" else {**settings, "family": self.family}  # DiT folders stay valid
 
     def check_folder(self) -> None:
-        """Records the run's settings in the folder, or refuses a folder made with other ones."""
+        """Records the run's settings in the folder, or refuses a folder made with other ones. The CLEAR stage's
+        settings are compared once the folder has them: a folder made without --clear takes the stage later (every
+        other step reused), and a run without --clear leaves the stage's files alone."""
         record = self.out / "quickstart.json"
+        current = json.loads(json.dumps(self.settings()))
         if record.is_file():
-            differences = setting_differences(json.loads(record.read_text()), json.loads(json.dumps(self.settings())))
+            recorded = json.loads(record.read_text())
+            differences = setting_differences(recorded, current,
+                                              ignore=() if "clear" in recorded and "clear" in current else ("clear",))
             if differences:
                 raise UserError(f"{self.out} holds a quickstart run with other settings ({'; '.join(differences)}); "
                                  "pass another --out, or delete the folder to start over")
+            if "clear" in current and "clear" not in recorded:
+                atomic_write_json(record, {**recorded, "clear": current["clear"]})
         else:
-            atomic_write_json(record, self.settings())
+            atomic_write_json(record, current)
 
     def run(self) -> dict:
         # A smoke run checks the ablation stage with one setting; the full run measures them all.
@@ -289,7 +340,7 @@ class Quickstart:
         teacher_seeds = [self.seed + k for k in range(1, self.budget.fid_seeds)]
         methods = self.methods
         steps = (3 + 1 + len(methods) + len(ablations) + len(learned) * len(other_seeds) + (len(methods) + 2)
-                 + (2 * len(methods) + 3 + len(teacher_seeds)) + 2)
+                 + (2 * len(methods) + 3 + len(teacher_seeds)) + 2 + (5 if self.clear else 0))
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_folder()
         self.started = time.time()
@@ -311,6 +362,15 @@ class Quickstart:
             recovery = {f"{m}+kd": partial(self.distill, m, pruned[m], teacher) for m in methods}
             recovery["learned-1-2+ft"] = partial(self.finetune, "learned-1-2", pruned["learned-1-2"])
             recovery["teacher+train"] = partial(self.ceiling, teacher)
+            if self.clear:
+                self.grid = self._token_grid(teacher)
+                self.attention = clear_attention(self.grid)
+                tqdm.write(f"CLEAR: the teacher's token grid is {'x'.join(map(str, self.grid))}; local attention "
+                           f"{describe_attention(self.attention)}")
+                data = self.self_generated(teacher)
+                name = clear_name(self.attention)
+                recovery[name] = partial(self.distill_local, teacher, data, self.attention, trained=False)
+                recovery[f"{name}+clear"] = partial(self.distill_local, teacher, data, self.attention)
             recovered = dict(zip(recovery, self.together(list(recovery.values()))))
             models = {"teacher": teacher, "teacher+train": recovered.pop("teacher+train"),
                       **{m: pruned[m] for m in methods}, **recovered}
@@ -322,7 +382,8 @@ class Quickstart:
             if self.exhaustive:
                 samples.update(self.every_pattern(teacher))
             fid = self.score(real_a, real_b, samples, classifier)
-            latency = self.measure_latency(models)
+            latency = self.measure_latency(models, ["teacher", *methods,
+                                                    *([clear_name(self.attention)] if self.clear else [])])
         self._bar = None
         if self.budget == FAST:
             atomic_write(self.path("grids", "SMOKE-RUN.txt"), lambda f: f.write(
@@ -335,6 +396,13 @@ class Quickstart:
         from tinyfusion.checkpoint import load_model
 
         return stack_depths(load_model(teacher).model)
+
+    @staticmethod
+    def _token_grid(teacher: Path) -> tuple[int, int]:
+        """(rows, columns) of the teacher's token grid, what local attention's radius is measured on."""
+        from tinyfusion.checkpoint import load_model
+
+        return attention_modules(unwrap(load_model(teacher).model))[0].grid
 
     def half_depth(self) -> list[str]:
         """--target-depth of the score baselines: half of the blocks, per stack for a model of several (MAR's
@@ -388,12 +456,14 @@ class Quickstart:
         return real_a, real_b, classifier
 
     def _train_args(self, prefix: str, steps: int, lr: float, schedule: str = "cosine",
-                    weights_ema: bool = True, seed: int | None = None, log_every: int | None = None) -> list[str]:
+                    weights_ema: bool = True, seed: int | None = None, log_every: int | None = None,
+                    data: Path | None = None) -> list[str]:
         """The flags of a training script's run; `weights_ema` sets the budget's EMA decay (learned pruning
         keeps the toolkit's gate EMA, whose window follows the run length); `seed` replaces the run's; a
-        log line every tenth of the run unless `log_every` says otherwise."""
+        log line every tenth of the run unless `log_every` says otherwise; `data` replaces the real images'
+        features."""
         b = self.budget
-        return ["--data-path", str(self.path("data", "features")), "--results-dir", str(self.path("runs")),
+        return ["--data-path", str(data or self.path("data", "features")), "--results-dir", str(self.path("runs")),
                 "--prefix", prefix, "--max-steps", str(steps), "--global-batch-size", str(b.batch_size),
                 "--lr", str(lr), "--lr-schedule", schedule, *(["--ema-decay", str(b.ema_decay)] if weights_ema else []),
                 "--log-every", str(log_every or max(steps // 10, 1)),
@@ -470,17 +540,44 @@ class Quickstart:
                     distributed=True, output=out)
         return out
 
-    def sample(self, name: str, ckpt: Path, seed: int | None = None) -> Path:
+    def self_generated(self, teacher: Path) -> Path:
+        """CLEAR's data: the teacher's own samples kept as a feature set (sample_ddp.py --save-latents)."""
         b = self.budget
-        npz = self.path("samples", f"{name}.npz")
-        self.script(f"sample-{name}", ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples",
-                                       str(b.num_samples), "--per-proc-batch-size", "128",
-                                       *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
-                                       str(FAMILIES[self.family].get("sampling_steps", b.sampling_steps)),
-                                       "--cfg-scale", str(b.cfg_scale),
-                                       "--global-seed", str(self.seed if seed is None else seed), "--sample-dir",
-                                       str(self.path("samples", "parts")), "--npz", str(npz)], distributed=True,
+        folder, npz = self.path("data", "self-generated"), self.path("data", "self-generated.npz")
+        self.script("self-generated", [*self._sampling_args(teacher, b.clear_samples, self.seed + CLEAR_SEED_OFFSET,
+                                                            npz), "--save-latents", str(folder)], distributed=True,
                     output=npz)
+        return folder
+
+    def distill_local(self, teacher: Path, data: Path, attention: dict, trained: bool = True) -> Path:
+        """The teacher with `attention` (local), its attention layers distilled by CLEAR on `data`; not `trained`:
+        the conversion alone (one step at learning rate 0 keeps every weight)."""
+        b = self.budget
+        name = clear_name(attention)
+        step, out = (f"clear-{name}", self.path("models", f"{name}+clear.pt")) if trained else \
+            (f"convert-{name}", self.path("models", f"{name}.pt"))
+        budget = (b.recover_steps, b.recover_lr) if trained else (1, 0.0)
+        self.script(step, ["train_masked_kd.py", "--load-weight", str(teacher), "--load-teacher", str(teacher),
+                           "--attention", "local", "--attention-radius", f"{attention['radius']:g}",
+                           "--attention-pool", str(attention["pool"]),
+                           *self._train_args(step, *budget, schedule="cosine" if trained else "constant", data=data),
+                           "--save-model", str(out)], distributed=True, output=out)
+        return out
+
+    def _sampling_args(self, ckpt: Path, count: int, seed: int, npz: Path) -> list[str]:
+        """sample_ddp.py as every sample set of the run is drawn: the family's sampler and steps, the budget's
+        guidance."""
+        b = self.budget
+        return ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples", str(count),
+                "--per-proc-batch-size", "128", *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
+                str(FAMILIES[self.family].get("sampling_steps", b.sampling_steps)), "--cfg-scale", str(b.cfg_scale),
+                "--global-seed", str(seed), "--sample-dir", str(self.path("samples", "parts")), "--npz", str(npz)]
+
+    def sample(self, name: str, ckpt: Path, seed: int | None = None) -> Path:
+        npz = self.path("samples", f"{name}.npz")
+        self.script(f"sample-{name}", self._sampling_args(ckpt, self.budget.num_samples,
+                                                          self.seed if seed is None else seed, npz),
+                    distributed=True, output=npz)
         _grid(npz, self.path("grids", f"{name}.png"))
         return npz
 
@@ -492,13 +589,14 @@ class Quickstart:
         results = json.loads(out.read_text())["results"]
         return dict(zip(["real (other half)", *samples], results))
 
-    def measure_latency(self, models: dict[str, Path]) -> dict[str, dict]:
-        """Forward latency of each distinct architecture (models that differ only in which blocks
-        they kept cost the same), timed once by benchmarks/forward.py."""
+    def measure_latency(self, models: dict[str, Path], names: list[str]) -> dict[str, dict]:
+        """Forward latency of each distinct architecture among the models `names` (models that differ only in
+        which blocks they kept cost the same; local attention is an architecture of its own), timed once by
+        benchmarks/forward.py."""
         from tinyfusion.checkpoint import read_checkpoint
 
         by_architecture: dict[str, list[str]] = {}
-        for name in ("teacher", *self.methods):
+        for name in names:
             record = read_checkpoint(models[name])
             key = json.dumps([record["arch"], record["config"]], sort_keys=True)
             by_architecture.setdefault(key, []).append(name)
@@ -556,6 +654,17 @@ class Quickstart:
             rows.append(row(f"{m} + masked KD", METHOD_LABELS[m], m, f"{m}+kd", [f"prune-{m}", f"kd-{m}"]))
         rows.append(row("learned-1-2 + fine-tuning", METHOD_LABELS["learned-1-2"] + ", plain fine-tuning",
                         "learned-1-2", "learned-1-2+ft", ["prune-learned-1-2", "ft-learned-1-2"]))
+        clear = None
+        if self.clear:
+            name, grid = clear_name(self.attention), "x".join(map(str, self.grid))
+            rows.append({**row(f"CLEAR {describe_attention(self.attention)}",
+                               f"CLEAR: the teacher's attention made local on its {grid} token grid, the attention "
+                               f"layers distilled on {self.budget.clear_samples} of its own samples (FID before: "
+                               "converted, not distilled)", name, f"{name}+clear", ["self-generated", f"clear-{name}"]),
+                         "attention": self.attention})
+            clear = {"grid": list(self.grid), "attention": self.attention, "samples": self.budget.clear_samples,
+                     "data": str(self.path("data", "self-generated")), "model": str(models[f"{name}+clear"]),
+                     "untrained": str(models[name])}
         ablation = []
         for name, (label, _) in ABLATIONS.items():
             if name not in pruned:
@@ -579,7 +688,7 @@ class Quickstart:
         teacher_fids = [fid_of("teacher"), *(fid_of(n) for n in fid if n.startswith("teacher-seed"))]
         feature_space = next(iter(fid.values()))["feature_space"]
         ordered = sorted(patterns.items(), key=lambda item: item[1])
-        result = {"rows": rows, "ablation": ablation, "seeds": seeds, "fast": self.budget == FAST,
+        result = {"rows": rows, "ablation": ablation, "seeds": seeds, "fast": self.budget == FAST, "clear": clear,
                   "teacher_fid_over_seeds": teacher_fids,
                   "patterns": [{"kept": list(k), "fid_after": v} for k, v in ordered],
                   "best_pattern": {"kept": list(ordered[0][0]), "fid_after": ordered[0][1]} if ordered else None,
@@ -677,7 +786,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     out = args.out or default_out(args.family, args.fast)
     quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family,
-                            exhaustive=args.exhaustive)
+                            exhaustive=args.exhaustive, clear=args.clear)
     start = time.time()
     try:
         result = quickstart.run()

@@ -1,15 +1,27 @@
 """quickstart.py end to end (--fast), and the benchmark scripts at their smallest sizes."""
 
+import dataclasses
 import json
 import math
 import os
 import resource
 
 import pytest
-from helpers import run_cli, tiny_dit
+import torch
+from helpers import one_line_error, run_cli, tiny_dit
 
-from pipelines.quickstart import FAST, METHODS, WIDTH_METHODS, Quickstart, StepFailed
-from tinyfusion.checkpoint import save_model
+from pipelines.quickstart import (
+    CLEAR_POOL,
+    CLEAR_SEED_OFFSET,
+    FAST,
+    METHODS,
+    WIDTH_METHODS,
+    Quickstart,
+    StepFailed,
+    clear_attention,
+)
+from tinyfusion.checkpoint import load_model, read_checkpoint, save_model
+from tinyfusion.errors import UserError
 
 
 def test_quickstart_fast_runs_every_stage(tmp_path):
@@ -84,6 +96,70 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     report = (out / "results.md").read_text()
     assert f"made with {FAST.decision_seeds} seeds" in report
     assert f"The teacher's FID over {FAST.fid_seeds} sampling seeds: " + ", ".join(f"{v:.2f}" for v in fids) in report
+    assert result["clear"] is None and not (out / "data" / "self-generated").exists()
+
+    # --clear on the same folder: every finished step is reused; the CLEAR stage adds the teacher with local
+    # attention (r = 2 on the 4x4 token grid of 8x8 digits in patches of 2), distilled on its own samples
+    first = result["step_seconds"]
+    run_cli(["quickstart.py", "--fast", "--clear", "--out", str(out)], timeout=600)
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    spec = {"kind": "local", "radius": 2, "pool": CLEAR_POOL}
+    assert result["clear"]["grid"] == [4, 4] and result["clear"]["attention"] == spec
+    clear = rows["CLEAR local r=2" + (f" + keys pooled {CLEAR_POOL}x{CLEAR_POOL}" if CLEAR_POOL > 1 else "")]
+    assert clear["attention"] == spec and clear["depth"] == 8 and clear["params_m"] == rows["teacher"]["params_m"]
+    for key in ("fid_before", "fid_after", "latency_ms", "seconds"):  # before: converted, not distilled
+        assert math.isfinite(clear[key]) and clear[key] > 0, key
+    assert clear["speedup"] == pytest.approx(rows["teacher"]["latency_ms"] / clear["latency_ms"], rel=1e-12)
+    assert clear["seconds"] == pytest.approx(result["step_seconds"]["self-generated"]
+                                             + result["step_seconds"]["clear-local-r2"])
+    assert len(rows) == 3 + len(methods) + 2 and "| CLEAR local r=2" in (out / "results.md").read_text()
+    # the self-generated feature set: FAST.clear_samples of the teacher's samples, from a seed no FID set uses
+    index = json.loads((out / "data" / "self-generated" / "index.json").read_text())
+    assert index["num_images"] == FAST.clear_samples and index["latent_shape"] == [3, 8, 8]
+    assert index["source"]["global_seed"] == CLEAR_SEED_OFFSET
+    # both files record local attention; the control keeps every weight of the teacher, and distillation changed
+    # the attention layers (qkv and proj of the 8 blocks) alone
+    teacher = load_model(out / "models" / "teacher.pt").model.state_dict()
+    for name, changed in (("local-r2", set()), ("local-r2+clear", {f"blocks.{i}.attn.{layer}.{kind}" for i in range(8)
+                                                                   for layer in ("qkv", "proj")
+                                                                   for kind in ("weight", "bias")})):
+        record = read_checkpoint(out / "models" / f"{name}.pt")
+        assert record["config"]["attention"] == spec and record["extra"]["method"] == "clear", name
+        state = load_model(out / "models" / f"{name}.pt").model.state_dict()
+        assert {k for k in teacher if not torch.equal(teacher[k], state[k])} == changed, name
+    assert (out / "grids" / "local-r2+clear.png").is_file() and len(list((out / "samples").glob("*.npz"))) == 20
+    # the steps of the first run were reused (their times kept); scoring and timing run again over every model
+    assert {k: v for k, v in result["step_seconds"].items() if k in first and k not in ("evaluate", "latency")} \
+        == {k: v for k, v in first.items() if k not in ("evaluate", "latency")}
+    assert set(result["step_seconds"]) - set(first) == {"self-generated", "convert-local-r2", "clear-local-r2",
+                                                        "sample-local-r2", "sample-local-r2+clear"}
+    assert json.loads((out / "quickstart.json").read_text())["clear"] == {"clear_samples": FAST.clear_samples}
+
+
+def test_clear_radius_follows_the_token_grid():
+    """A quarter of the grid's shorter side, at least 2 (the 3x3 neighbourhood)."""
+    radii = {grid: clear_attention(grid)["radius"] for grid in [(4, 4), (8, 8), (16, 16), (32, 32), (32, 16)]}
+    assert radii == {(4, 4): 2, (8, 8): 2, (16, 16): 4, (32, 32): 8, (32, 16): 4}
+
+
+def test_clear_is_refused_for_mar_in_one_line(tmp_path):
+    proc = run_cli(["quickstart.py", "--fast", "--family", "mar", "--clear", "--out", str(tmp_path / "qs")],
+                   check=False)
+    one_line_error(proc, 2, "--clear", "MAR", "DiT and SiT")
+    assert not (tmp_path / "qs").exists()
+
+
+def test_a_folder_takes_the_clear_stage_later_and_keeps_its_settings(tmp_path):
+    def folder(budget=FAST, clear=False):
+        Quickstart(tmp_path, budget, nproc=1, data_path=None, image_size=8, seed=0, clear=clear).check_folder()
+        return json.loads((tmp_path / "quickstart.json").read_text())
+
+    assert "clear" not in folder()  # a folder made without --clear (or before the stage existed)
+    assert folder(clear=True)["clear"] == {"clear_samples": FAST.clear_samples}  # takes it, recorded
+    assert folder()["clear"] == {"clear_samples": FAST.clear_samples}  # a run without --clear leaves it alone
+    with pytest.raises(UserError, match="clear_samples"):
+        folder(dataclasses.replace(FAST, clear_samples=2 * FAST.clear_samples), clear=True)
 
 
 def test_fast_and_full_runs_have_their_own_folders():
