@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--clear", action="store_true",
                         help="also give the teacher CLEAR's local attention (radius: a quarter of its token grid's "
                              "side, at least 2), its attention layers distilled on its own samples with the recovery "
-                             "budget, scored as a row beside its untrained conversion (DiT, SiT; a few minutes more)")
+                             "budget, scored as a row whose FID before recovery is the conversion without "
+                             "training (DiT, SiT; about 2 minutes more)")
     return parser.parse_args(argv)
 
 
