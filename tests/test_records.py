@@ -260,7 +260,7 @@ def test_the_teacher_loads_with_its_own_head_count_and_both_scripts_end_alike(tm
     assert seen == {"student": 4, "teacher": 2}
     distilled = read_checkpoint(tmp_path / "kd.pt")
     assert distilled["extra"] == {"script": "train_masked_kd.py", "steps": 2, "teacher": str(tmp_path / "teacher.pt"),
-                                  "initialised_from": str(tmp_path / "student.pt")}
+                                  "method": "masked-kd", "initialised_from": str(tmp_path / "student.pt")}
     assert load_model(tmp_path / "kd.pt").weights == "ema"
 
     run_train(_options(TrainOptions, tmp_path, features, load_weight=str(tmp_path / "kd.pt"),

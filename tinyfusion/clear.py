@@ -24,6 +24,7 @@ from processes import NoiseProcess
 
 from .engine import Batch, Task
 from .errors import UserError
+from .training import predict_with_teacher
 
 
 def train_only_attention(model: nn.Module) -> int:
@@ -59,10 +60,7 @@ class ClearTask(Task):
         self.teacher_tap = BlockRecorder([block_attention(b) for b in flat_blocks(teacher)], list(layer_map.values()))
 
     def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
-        student = self.process.predict(model, batch.x, batch.draws, batch.cond)
-        with torch.no_grad():
-            teacher = self.process.predict(self.teacher, batch.x, batch.draws, batch.cond)
-        gt = self.process.losses(student, batch.x, batch.draws)["loss"].mean()
+        student, teacher, gt = predict_with_teacher(self.process, model, self.teacher, batch)
         pred = self.process.distillation_loss(student, teacher).mean()
         attn = torch.stack([
             ((self.student_tap.outputs[s].float() - self.teacher_tap.outputs[t].detach().float()) ** 2).mean()

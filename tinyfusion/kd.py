@@ -28,7 +28,15 @@ from .clear import ClearTask, train_only_attention
 from .engine import Batch, Task
 from .errors import UserError
 from .options import MaskedKDOptions
-from .training import model_for_training, parameter_count, start_run, total_steps, train_and_save, with_family_recipe
+from .training import (
+    model_for_training,
+    parameter_count,
+    predict_with_teacher,
+    start_run,
+    total_steps,
+    train_and_save,
+    with_family_recipe,
+)
 
 #################################################################################
 #                                 Loss functions                                #
@@ -130,10 +138,7 @@ class MaskedKDTask(Task):
         return self.beta0 * (1.0 - step / max(total_steps, 1))
 
     def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
-        student = self.process.predict(model, batch.x, batch.draws, batch.cond)
-        with torch.no_grad():
-            teacher = self.process.predict(self.teacher, batch.x, batch.draws, batch.cond)
-        gt = self.process.losses(student, batch.x, batch.draws)["loss"].mean()
+        student, teacher, gt = predict_with_teacher(self.process, model, self.teacher, batch)
         kd = self.process.distillation_loss(student, teacher).mean()
         out = {"kd": kd, "gt": gt}
         loss = self.alpha * kd + (1.0 - self.alpha) * gt

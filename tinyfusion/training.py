@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from models import create_model, total_depth, unwrap
 from models.attention import attention_paths, convert_attention, describe_attention
-from processes import NoiseProcess, create_process
+from processes import NoiseProcess, Prediction, create_process
 
 from .checkpoint import LoadedModel, load_model, save_model
 from .distributed import DistEnv, barrier, broadcast_object
@@ -250,6 +250,17 @@ class DiffusionTask(Task):
     def loss(self, model: nn.Module, batch: Batch, total_steps: int) -> dict[str, torch.Tensor]:
         terms = self.process.training_losses(model, batch.x, batch.draws, batch.cond)
         return {k: v.mean() for k, v in terms.items()}
+
+
+def predict_with_teacher(process: NoiseProcess, model: nn.Module, teacher: nn.Module, batch: Batch
+                         ) -> tuple[Prediction, Prediction, torch.Tensor]:
+    """What every distillation starts from: the student's prediction on the batch, the frozen teacher's on the same
+    draws (no graph), and the process's training loss of the student (GT), averaged."""
+    student = process.predict(model, batch.x, batch.draws, batch.cond)
+    with torch.no_grad():
+        teacher_prediction = process.predict(teacher, batch.x, batch.draws, batch.cond)
+    gt = process.losses(student, batch.x, batch.draws)["loss"].mean()
+    return student, teacher_prediction, gt
 
 
 def train_and_save(args: TrainOptions, run: Run, loaded: LoadedModel, model: nn.Module, task: Task,
