@@ -3,6 +3,7 @@ implementations measured and bounded, and `benchmarks.forward --compare-diffuser
 
 import json
 import math
+import shutil
 import socket
 
 import pytest
@@ -147,6 +148,7 @@ def test_an_export_loads_in_diffusers_offline(exported, offline, name, depth):
         pipe = DiTPipeline.from_pretrained(folder)
     else:  # a recorded hub VAE is named, not downloaded: passed at loading
         assert index["vae"] == [None, None] and index["_tinyfusion"]["vae"] == "stabilityai/sd-vae-ft-ema"
+        assert index["_tinyfusion"]["codec"] == {"vae": "ema", "scaling_factor": 0.18215}  # DiT's, by 4 channels
         pipe = DiTPipeline.from_pretrained(folder, vae=AutoencoderKL.from_pretrained(exported / "vae"))
     assert pipe.transformer.config.num_layers == depth and type(pipe.scheduler).__name__ == "DDIMScheduler"
 
@@ -211,14 +213,33 @@ def test_export_then_import_then_export_is_bitwise(exported, tmp_path):
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     config = json.loads((exported / "tiny" / "transformer" / "config.json").read_text())
     assert json.loads((tmp_path / "again" / "transformer" / "config.json").read_text()) == config
-    # a transformer/ folder alone imports too, with DiT's default process and no codec
-    alone = import_pipeline(exported / "pruned" / "transformer")
+    # a pipeline's transformer/ folder reads the pipeline; a transformer folder alone has DiT's default process
+    # and no codec
+    assert import_pipeline(exported / "pruned" / "transformer").codec == {"vae": "ema", "scaling_factor": 0.18215}
+    shutil.copytree(exported / "pruned" / "transformer", tmp_path / "alone")
+    alone = import_pipeline(tmp_path / "alone")
     assert alone.codec is None and alone.process == load_model(exported / "pruned.pt").process
 
 
-def test_import_refuses_embedders_that_differ_per_block(exported, tmp_path):
-    import shutil
+def test_a_transformer_in_the_hubs_older_config_imports(exported, tmp_path):
+    """facebook/DiT-XL-2-256's transformer/config.json names Transformer2DModel, with its keys (no norm_eps: 1e-5)."""
+    from tinyfusion.diffusers_io import import_pipeline
 
+    shutil.copytree(exported / "tiny" / "transformer", tmp_path / "transformer")
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    hub_keys = ("activation_fn", "attention_bias", "attention_head_dim", "dropout", "in_channels",
+                "norm_elementwise_affine", "norm_num_groups", "norm_type", "num_attention_heads", "num_embeds_ada_norm",
+                "num_layers", "out_channels", "patch_size", "sample_size", "upcast_attention")
+    hub = {"_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0", "cross_attention_dim": None,
+           "num_vector_embeds": None, "only_cross_attention": False, "use_linear_projection": False,
+           **{k: config[k] for k in hub_keys}}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(hub))
+    imported = import_pipeline(tmp_path / "transformer")
+    ours, theirs = load_model(exported / "tiny.pt").model.state_dict(), imported.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and imported.source["norm_eps"] == 1e-5
+
+
+def test_import_refuses_embedders_that_differ_per_block(exported, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from tinyfusion.diffusers_io import import_pipeline

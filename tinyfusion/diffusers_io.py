@@ -53,10 +53,10 @@ from models.attention import describe_attention
 from processes import create_process
 
 from .checkpoint import LoadedModel, load_with_flags, save_model
-from .errors import UserError
+from .errors import UserError, WriteFailed
 from .options import DiffusersExportOptions, DiffusersImportOptions
 from .paths import check_outputs, file_sha256
-from .vae import HUB_VAES, is_kl16_spec, resolve_codec
+from .vae import HUB_VAES, codec_record, is_kl16_spec, resolve_codec
 
 #################################################################################
 #                                  The key map                                  #
@@ -95,6 +95,9 @@ DIT_NORM_EPS = 1e-6
 # What diffusers' DiTTransformer2DModel fixes and this toolkit's DiT has: checked on import.
 DIFFUSERS_FIXED = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
                    "norm_elementwise_affine": False}
+# The SD VAEs' latent scale (stabilityai/sd-vae-ft-*, and diffusers' AutoencoderKL default): unit-variance latents
+# (LDM, section 4.3.2).
+SD_VAE_SCALING_FACTOR = 0.18215
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's DiT configs say the latter
 MLP_RATIO = 4  # diffusers' FeedForward in DiT: 4x the width
 
@@ -319,47 +322,70 @@ def export_pipeline(loaded: LoadedModel, out: str | os.PathLike, vae: str = "aut
         vae: `--vae`: "auto" (the checkpoint's codec, else DiT's convention by input channels), a local diffusers
             folder (copied), a hub id or ema/mse (named), kl16 or none (no diffusers VAE).
     Raises:
-        UserError: a model diffusers cannot express, or an `out` that holds something else.
+        UserError: a model diffusers cannot express, a --vae folder that is no AutoencoderKL's, or an `out` that holds
+            something else.
+        WriteFailed: the file system refused; `out` is left as it was.
     """
     diffusers_config(loaded.model)  # the refusals first, before anything is written or imported
     scheduler = scheduler_config(loaded.process)
     spec, why = resolve_codec(vae, loaded.codec, loaded.config["in_channels"])
+    if not os.path.isdir(spec) and (os.path.isabs(spec) or spec.startswith(".")):
+        raise UserError(f"the VAE folder {spec!r} ({why}) does not exist: pass --vae with the folder, a hub id, or "
+                         "none")
+    vae_config = _vae_folder_config(spec) if os.path.isdir(spec) else None
     out = Path(out)
     _check_replaceable(out)
     import diffusers
 
     transformer = to_diffusers(loaded.model)
+    # The codec the export stands for: the checkpoint's record when it names this VAE (its scale is the one the
+    # model's latents were made with), else what the VAE itself says.
+    if loaded.codec is not None and loaded.codec["vae"] == spec:
+        codec = dict(loaded.codec)
+    elif vae_config is not None:
+        codec = codec_record(spec, vae_config.get("scaling_factor", SD_VAE_SCALING_FACTOR))
+    elif spec == "none":
+        codec = codec_record("none", 1.0)
+    elif spec in HUB_VAES:
+        codec = codec_record(spec, SD_VAE_SCALING_FACTOR)
+    else:
+        codec = None  # a hub id or a KL-16 checkpoint whose scale this export cannot read without loading it
+    if vae_config is not None:
+        named = "vae/ (a copy of the codec's folder)"
+    elif spec == "none":
+        named = "none: a pixel-space model; DiTPipeline decodes with a VAE, so use the transformer and the scheduler " \
+                "directly"
+    elif is_kl16_spec(spec):
+        named = f"{spec}: MAR's KL-16 autoencoder (tinyfusion.klvae), not a diffusers AutoencoderKL"
+    else:
+        named = HUB_VAES.get(spec, spec)
     index = {"_class_name": "DiTPipeline", "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "DDIMScheduler"], "transformer": ["diffusers", "DiTTransformer2DModel"],
-             "vae": [None, None]}
-    codec = loaded.codec or ({"vae": spec} if spec == "none" else None)
-    record = {"source": {"path": os.path.abspath(loaded.path), "sha256": file_sha256(loaded.path),
-                         "weights": loaded.weights},
-              "process": loaded.process, "codec": codec, "vae": None, "vae_source": why}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+             "vae": ["diffusers", "AutoencoderKL"] if vae_config is not None else [None, None],
+             "_tinyfusion": {"source": {"path": os.path.abspath(loaded.path), "sha256": file_sha256(loaded.path),
+                                        "weights": loaded.weights},
+                             "process": loaded.process, "codec": codec, "vae": named, "vae_source": why}}
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         diffusers.DDIMScheduler(**scheduler).save_pretrained(tmp / "scheduler")
-        if os.path.isdir(spec):
-            _copy_vae(Path(spec), tmp / "vae", (loaded.codec or {}).get("scaling_factor"))
-            index["vae"] = ["diffusers", "AutoencoderKL"]
-            record["vae"] = "vae/"
-        elif spec == "none":
-            record["vae"] = "none: a pixel-space model (DiTPipeline decodes with a VAE: use the transformer and the " \
-                            "scheduler directly)"
-        elif is_kl16_spec(spec):
-            record["vae"] = f"{spec}: MAR's KL-16 autoencoder (tinyfusion.klvae), not a diffusers AutoencoderKL"
-        else:
-            record["vae"] = HUB_VAES.get(spec, spec)
-        index["_tinyfusion"] = record
+        if vae_config is not None:
+            shutil.copytree(spec, tmp / "vae")
+            if codec["scaling_factor"] != vae_config.get("scaling_factor"):  # DiTPipeline divides by the config's
+                (tmp / "vae" / "config.json").write_text(
+                    json.dumps({**vae_config, "scaling_factor": codec["scaling_factor"]}, indent=2) + "\n")
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteFailed(out, e) from e
         raise
     return index
 
@@ -384,20 +410,16 @@ def _check_replaceable(out: Path) -> None:
                          "folder (an export replaces only a folder it wrote)")
 
 
-def _copy_vae(source: Path, target: Path, scaling_factor: float | None) -> None:
-    """Copies a diffusers AutoencoderKL folder; the latents' scale the checkpoint records wins over its config's
-    (DiTPipeline divides by `vae.config.scaling_factor`)."""
-    config_path = source / "config.json"
+def _vae_folder_config(folder: str) -> dict:
+    """The config of a diffusers AutoencoderKL folder (what --vae FOLDER must be to be copied)."""
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         config = {}
     if config.get("_class_name") != "AutoencoderKL":
-        raise UserError(f"--vae {str(source)!r} is not a diffusers AutoencoderKL folder (its config.json names "
+        raise UserError(f"--vae {folder!r} is not a diffusers AutoencoderKL folder (its config.json names "
                          f"{config.get('_class_name')!r}); give the folder AutoencoderKL.save_pretrained wrote")
-    shutil.copytree(source, target)
-    if scaling_factor is not None and config.get("scaling_factor") != scaling_factor:
-        (target / "config.json").write_text(json.dumps({**config, "scaling_factor": scaling_factor}, indent=2) + "\n")
+    return config
 
 
 def run_export(args: DiffusersExportOptions) -> dict:
@@ -455,7 +477,6 @@ def import_pipeline(folder: str | os.PathLike) -> ImportedModel:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the transformer in {str(transformer_dir)!r}: {str(e).splitlines()[0]}") from None
     state_dict = transformer.state_dict()
-    torch.manual_seed(0)  # the constructor's random initialisation is overwritten; seeded for reproducibility
     model = build_architecture("DiT", toolkit_config)
     weights = from_diffusers_state_dict(state_dict, total_depth(model), str(transformer_dir))
     computed = transformer.pos_embed.pos_embed
@@ -532,7 +553,7 @@ def _toolkit_config(config: dict, source: str) -> dict:
 def _imported_codec(root: Path | None, index: dict, record: dict) -> dict | None:
     """The pipeline's vae folder when it has one; else the codec an export of ours recorded; else unknown."""
     if root is not None and index.get("vae", [None])[0] is not None and (root / "vae" / "config.json").is_file():
-        scaling_factor = _read_json(root / "vae" / "config.json").get("scaling_factor", 0.18215)  # diffusers' default
+        scaling_factor = _read_json(root / "vae" / "config.json").get("scaling_factor", SD_VAE_SCALING_FACTOR)
         return {"vae": os.path.abspath(root / "vae"), "scaling_factor": float(scaling_factor)}
     return record.get("codec")
 
