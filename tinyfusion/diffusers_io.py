@@ -30,10 +30,12 @@ Import reads a diffusers `DiTTransformer2DModel` (a pipeline folder or its `tran
 file: the process from the scheduler's config (DiT's default when there is none), the codec from the
 pipeline's `vae/` folder (recorded as that folder), else from what `_tinyfusion` names, else unrecorded.
 
-The numbers differ a little: diffusers' timestep embedding spaces its frequencies as exp(-ln(10^4) i / (128 - 1))
-(`Timesteps(downscale_freq_shift=1)`) where DiT's uses exp(-ln(10^4) i / 128), which no weight can undo. The
-export sets `norm_eps` to DiT's 1e-6 (diffusers' default 1e-5 is in its MLP-side LayerNorm only), so that
-frequency spacing is the only difference: with it set to DiT's, the two forwards agree bitwise on this CPU.
+The two implementations differ in one place: diffusers' timestep embedding spaces its frequencies as
+exp(-ln(10^4) i / (128 - 1)) (`Timesteps(downscale_freq_shift=1)`) where DiT's uses exp(-ln(10^4) i / 128), which no
+weight can undo. The export sets `norm_eps` to DiT's 1e-6 (diffusers' default 1e-5 is in its MLP-side LayerNorm
+only), so with `downscale_freq_shift = 0` set in every block's `norm1.emb.time_proj` after loading, an exported
+model computes this toolkit's outputs (bitwise, measured on an AMD EPYC); as exported, the outputs differ (the
+README's diffusers section: the measured sizes).
 """
 
 from __future__ import annotations
