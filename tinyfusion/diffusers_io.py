@@ -419,7 +419,7 @@ def _vae_folder_config(folder: str) -> dict:
     except (OSError, json.JSONDecodeError):
         config = {}
     if config.get("_class_name") != "AutoencoderKL":
-        raise UserError(f"--vae {folder!r} is not a diffusers AutoencoderKL folder (its config.json names "
+        raise UserError(f"the VAE folder {folder!r} is not a diffusers AutoencoderKL folder (its config.json names "
                          f"{config.get('_class_name')!r}); give the folder AutoencoderKL.save_pretrained wrote")
     return config
 
