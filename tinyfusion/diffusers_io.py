@@ -53,6 +53,7 @@ import torch.nn as nn
 from models import ARCHITECTURES, build_architecture, total_depth, unwrap
 from models.attention import describe_attention
 from processes import create_process
+from processes.gaussian import GaussianProcess
 
 from .checkpoint import LoadedModel, load_with_flags, save_model
 from .errors import UserError, WriteFailed
@@ -257,58 +258,29 @@ def _fixed_pos_embed(model: nn.Module) -> torch.Tensor:
 
 
 def scheduler_config(process: dict) -> dict:
-    """The DDIMScheduler config of a Gaussian process record (`processes.gaussian`).
-
-    DDIM with eta 0, the official DiT's `ddim` sampler: no clipping of the predicted x_0 (DiT's samplers clip
-    none), the last step to alpha_bar = 1 (`set_alpha_to_one`, as the respaced DDIM's alphas_cumprod_prev[0]),
-    timesteps 0, k, 2k, ... (k = steps // N, "leading": the official `ddimN` respacing).
+    """The DDIMScheduler config of a process record: its schedule as diffusers takes it
+    (`GaussianProcess.diffusers_schedule`), run as the official DiT's `ddim` sampler (eta 0): no clipping of the
+    predicted x_0 (DiT's samplers clip none), the last step to alpha_bar = 1 (`set_alpha_to_one`, as the respaced
+    DDIM's alphas_cumprod_prev[0]), timesteps 0, k, 2k, ... (k = steps // N, "leading": the official `ddimN`
+    respacing).
 
     Raises:
-        UserError: a process that no diffusers scheduler runs (SiT's transport, MAR's masked tokens).
+        UserError: a process no diffusers scheduler runs (SiT's transport, MAR's masked tokens).
     """
-    if process.get("name") != "gaussian":
+    schedule = getattr(create_process(process), "diffusers_schedule", None)
+    if schedule is None:
         raise UserError(f"a model on the {process.get('name')!r} process cannot be exported to diffusers: "
                          "DiTPipeline's schedulers are Gaussian (discrete beta schedules)")
-    steps = process["diffusion_steps"]
-    if process["noise_schedule"] == "linear":
-        scale = 1000 / steps  # ADM's linear schedule for other step counts (diffusion/gaussian_diffusion.py)
-        schedule = dict(beta_schedule="linear", beta_start=scale * 0.0001, beta_end=scale * 0.02)
-    else:  # IDDPM's cosine alpha_bar, max beta 0.999: diffusers' "squaredcos_cap_v2"
-        schedule = dict(beta_schedule="squaredcos_cap_v2")
-    return dict(num_train_timesteps=steps, prediction_type="sample" if process["predict_xstart"] else "epsilon",
-                clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", **schedule)
+    return dict(**schedule(), clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
 
 
 def process_from_scheduler(config: dict, learn_sigma: bool, source: str) -> dict:
-    """The Gaussian process record of a diffusers scheduler config (the inverse of `scheduler_config`).
+    """The process record of a diffusers scheduler config (the inverse of `scheduler_config`).
 
     Raises:
-        UserError: a schedule or prediction this toolkit's Gaussian process does not have.
+        UserError: a schedule or prediction that this toolkit's Gaussian process does not have.
     """
-    steps = int(config.get("num_train_timesteps", 1000))
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "sample"):
-        raise UserError(f"{source}: the scheduler's prediction_type {prediction!r} is not one of this toolkit's "
-                         "Gaussian process (epsilon: noise, sample: x_0)")
-    schedule = config.get("beta_schedule", "linear")
-    if config.get("trained_betas") is not None:
-        raise UserError(f"{source}: the scheduler holds its own betas (trained_betas), which no named schedule of "
-                         "this toolkit's Gaussian process reproduces (DiT's linear, IDDPM's cosine)")
-    if schedule == "linear":
-        scale = 1000 / steps
-        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-        if abs(start - scale * 0.0001) > 1e-12 or abs(end - scale * 0.02) > 1e-12:
-            raise UserError(f"{source}: linear betas from {start:g} to {end:g} over {steps} steps are not DiT's "
-                             f"schedule ({scale * 0.0001:g} to {scale * 0.02:g}), the one linear schedule of this "
-                             "toolkit's Gaussian process")
-        noise_schedule = "linear"
-    elif schedule == "squaredcos_cap_v2":
-        noise_schedule = "cosine"
-    else:
-        raise UserError(f"{source}: the beta schedule {schedule!r} is not one of this toolkit's Gaussian process "
-                         "(DiT's linear, IDDPM's cosine: diffusers' linear and squaredcos_cap_v2)")
-    return create_process({"name": "gaussian", "noise_schedule": noise_schedule, "diffusion_steps": steps,
-                           "learn_sigma": learn_sigma, "predict_xstart": prediction == "sample"}).record()
+    return GaussianProcess.from_diffusers_schedule(config, learn_sigma, source).record()
 
 
 #################################################################################
