@@ -12,8 +12,9 @@ of every block's attention heads and MLP channels removed (width pruning: prune_
 DiT-XL/2@width=0.5 has about DiT-D14/2's FLOPs (half of DiT-XL/2's) and DiT-XL/2@width=0.75 its 340M
 parameters: the adaLN modulation, which width pruning keeps, holds a third of the parameters and almost none of
 the FLOPs. The first model is the baseline of the speedup columns; "ideal" is its FLOPs over the model's. With
---compare-diffusers, diffusers' port of the official DiT (DiTTransformer2DModel) is timed at DiT-XL/2's
-configuration.
+--compare-diffusers, diffusers' port of the official DiT (DiTTransformer2DModel) is timed too, holding the first
+model's weights as `python -m tinyfusion.diffusers_io export` writes them (a row "diffusers NAME"; the first model
+must be a DiT that diffusers can express).
 """
 
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-iter", type=int, default=64, help="MAR: iterations of its masked sampling")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--compare-diffusers", action="store_true",
-                        help="also time diffusers' DiTTransformer2DModel with DiT-XL/2's configuration")
+                        help="also time diffusers' DiTTransformer2DModel holding the first model's exported weights")
     add_benchmark_args(parser)
     return parser.parse_args(argv)
 

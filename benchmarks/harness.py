@@ -420,28 +420,18 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], heade
 #                                  Entry points                                 #
 #################################################################################
 
-def _diffusers_dit(reference: nn.Module, device: torch.device) -> BenchModel:
-    """diffusers' port of the official DiT at the configuration of the DiT `reference` (same math, its own
-    code)."""
-    from diffusers import DiTTransformer2DModel
+def _diffusers_dit(reference: BenchModel, device: torch.device) -> BenchModel:
+    """diffusers' DiTTransformer2DModel holding the weights of `reference` (a DiT), through the export's key map
+    (`tinyfusion.diffusers_io`): the same network in diffusers' code, timed on the same inputs."""
+    from tinyfusion.diffusers_io import DiffusersDiT, to_diffusers
 
-    config = dict(reference.config)
-    heads = config["num_heads"]
-    model = DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=config["hidden_size"] // heads, in_channels=config["in_channels"],
-        out_channels=config["in_channels"] * (2 if config["learn_sigma"] else 1), num_layers=total_depth(reference),
-        sample_size=config["input_size"], patch_size=config["patch_size"], num_embeds_ada_norm=config["num_classes"])
-
-    class Adapter(nn.Module):  # our call signature: model(x, t, y)
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x, t, y):
-            return self.inner(x, timestep=t, class_labels=y).sample
-
-    return BenchModel("diffusers DiT (XL/2 config)", Adapter().to(device).eval(), "DiT", config,
-                      default_process_record(reference))
+    try:
+        transformer = to_diffusers(reference.model)
+    except UserError as e:
+        raise UserError(f"--compare-diffusers times diffusers' DiT on the weights of the first model, "
+                        f"{reference.name}: {e}") from None
+    return BenchModel(f"diffusers {reference.name}", DiffusersDiT(transformer).to(device).eval(), reference.arch,
+                      reference.config, reference.process)
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
@@ -472,8 +462,9 @@ def run_forward_benchmark(args) -> dict:
     if args.num_sampling_steps:  # a sampler that does not fit a model fails now, not after the forward timings
         sampling_plan(models, args.num_sampling_steps, args.cfg_scale, args.sampler, args.precisions[0],
                       options={"num_iter": args.num_iter})
+    sampled = list(models)  # diffusers' DiT has no sampler of ours
     if args.compare_diffusers:
-        models.append(_diffusers_dit(create_model("DiT-XL/2", input_size=input_size), env.device))
+        models.append(_diffusers_dit(models[0], env.device))
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     log.info(f"forward on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     log.info(format_table([], FORWARD_COLUMNS))
@@ -482,9 +473,8 @@ def run_forward_benchmark(args) -> dict:
                                         args.warmup, args.repeats, log)}
     if args.num_sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
-        results["sampling"] = bench_sampling([m for m in models if hasattr(unwrap(m.model), "data_shape")],
-                                             args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale, args.sampler,
-                                             args.precisions[0], env.device, args.repeats, log,
+        results["sampling"] = bench_sampling(sampled, args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale,
+                                             args.sampler, args.precisions[0], env.device, args.repeats, log,
                                              options={"num_iter": args.num_iter})
     print("\n" + format_table(results["forward"], FORWARD_COLUMNS))
     if "sampling" in results:

@@ -54,6 +54,55 @@ class GaussianProcess(NoiseProcess):
     def record(self) -> dict:
         return {"name": self.name, **self.settings}
 
+    # ------------------------------------------------------------------ diffusers' schedulers
+
+    def diffusers_schedule(self) -> dict:
+        """This process as diffusers' schedulers take it: the step count, the betas by name (DiT's linear schedule,
+        scaled as ADM scales it for other step counts; IDDPM's cosine, diffusers' "squaredcos_cap_v2", max beta
+        0.999) and what the model predicts (the noise, or x_0)."""
+        steps = self.settings["diffusion_steps"]
+        if self.settings["noise_schedule"] == "linear":
+            scale = 1000 / steps
+            schedule = dict(beta_schedule="linear", beta_start=scale * 0.0001, beta_end=scale * 0.02)
+        else:
+            schedule = dict(beta_schedule="squaredcos_cap_v2")
+        return dict(num_train_timesteps=steps,
+                    prediction_type="sample" if self.settings["predict_xstart"] else "epsilon", **schedule)
+
+    @classmethod
+    def from_diffusers_schedule(cls, config: dict, learn_sigma: bool, source: str) -> "GaussianProcess":
+        """The process of a diffusers scheduler config (the inverse of `diffusers_schedule`; diffusers' defaults for
+        what the config leaves out).
+
+        Raises:
+            UserError: betas or a prediction this process does not have (`source` names the config).
+        """
+        steps = int(config.get("num_train_timesteps", 1000))
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "sample"):
+            raise UserError(f"{source}: the scheduler's prediction_type {prediction!r} is not one of the Gaussian "
+                             "process's (epsilon: the noise, sample: x_0)")
+        if config.get("trained_betas") is not None:
+            raise UserError(f"{source}: the scheduler holds its own betas (trained_betas), which no named schedule of "
+                             "the Gaussian process reproduces (DiT's linear, IDDPM's cosine)")
+        schedule = config.get("beta_schedule", "linear")
+        if schedule == "linear":
+            expected = cls(diffusion_steps=steps).diffusers_schedule()
+            start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+            if not (math.isclose(start, expected["beta_start"], rel_tol=1e-9)
+                    and math.isclose(end, expected["beta_end"], rel_tol=1e-9)):
+                raise UserError(f"{source}: linear betas from {start:g} to {end:g} over {steps} steps are not DiT's "
+                                 f"schedule ({expected['beta_start']:g} to {expected['beta_end']:g}), the linear "
+                                 "schedule of the Gaussian process")
+            noise_schedule = "linear"
+        elif schedule == "squaredcos_cap_v2":
+            noise_schedule = "cosine"
+        else:
+            raise UserError(f"{source}: the beta schedule {schedule!r} is not one of the Gaussian process's (DiT's "
+                             "linear and IDDPM's cosine: diffusers' linear and squaredcos_cap_v2)")
+        return cls(noise_schedule=noise_schedule, diffusion_steps=steps, learn_sigma=learn_sigma,
+                   predict_xstart=prediction == "sample")
+
     def time_domain(self) -> TimeDomain:
         return TimeDomain("discrete", steps=self.settings["diffusion_steps"])
 
@@ -136,15 +185,12 @@ class GaussianProcess(NoiseProcess):
 
         if self.settings["predict_xstart"]:
             raise UserError("--sampler dpm++ is implemented for noise-predicting models; use ddpm or ddim")
-        steps = self.settings["diffusion_steps"]
-        if self.settings["noise_schedule"] == "linear":
-            # DiT's linear schedule (scaled as ADM scales it for other step counts), epsilon prediction.
-            scale = 1000 / steps
-            schedule = dict(beta_start=scale * 0.0001, beta_end=scale * 0.02, beta_schedule="linear")
-        else:
-            schedule = dict(trained_betas=self.diffusion.betas.tolist())
-        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=steps, algorithm_type="dpmsolver++",
-                                                prediction_type="epsilon", **schedule)
+        if self.settings["noise_schedule"] == "linear":  # DiT's linear schedule, epsilon prediction
+            schedule = self.diffusers_schedule()
+        else:  # the float64 betas of the cosine schedule, exactly
+            schedule = dict(num_train_timesteps=self.settings["diffusion_steps"], prediction_type="epsilon",
+                            trained_betas=self.diffusion.betas.tolist())
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **schedule)
         scheduler.set_timesteps(num_steps, device=noise.device)
         x = noise * scheduler.init_noise_sigma
         channels = noise.shape[1]

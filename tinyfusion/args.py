@@ -177,6 +177,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
                        help="mar: guidance grows linearly with the generated tokens, or stays constant (linear)")
     group.add_argument("--temperature", type=float, default=None,
                        help="mar: scale of the token sampler's noise (1.0)")
+    add_vae_arg(group)
+
+
+def add_vae_arg(group) -> None:
+    """--vae: the codec of a model's latents, as the samplers and the diffusers export take it."""
     group.add_argument("--vae", type=str, default="auto",
                        help="auto (the codec the checkpoint records; for files that record none, SD-VAE ema for "
                             "4 channels, KL-16 for 16 and pixels for 3), ema or mse (stabilityai/sd-vae-ft-*), a local "
@@ -234,3 +239,23 @@ def add_recovery_args(parser: argparse.ArgumentParser) -> None:
                         help="recompute block activations in the backward pass to save memory")
     parser.add_argument("--save-model", type=str, default=None,
                         help="also write the final model (weights and EMA, no optimizer) to this file")
+
+
+def diffusers_io_parser(doc: str | None) -> Parser:
+    """The command line of `python -m tinyfusion.diffusers_io`: `export` (a checkpoint to a diffusers pipeline folder)
+    and `import` (a diffusers DiT folder to a toolkit file)."""
+    parser = Parser(doc)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
+    export = commands.add_parser("export", doc="Write a checkpoint's DiT as a diffusers DiTPipeline folder.",
+                                 help="a checkpoint to a diffusers pipeline folder")
+    add_model_args(export, ckpt_flag="--ckpt", ckpt_required=True)
+    export.add_argument("--out", type=str, required=True,
+                        help="the pipeline folder to write (an earlier export there is replaced)")
+    add_vae_arg(export.add_argument_group("codec"))
+    imported = commands.add_parser("import", doc="Write a diffusers DiT (a pipeline folder or its transformer/ "
+                                   "folder) as this toolkit's self-describing file.",
+                                   help="a diffusers DiT folder to a toolkit model file")
+    imported.add_argument("--folder", type=str, required=True,
+                          help="a diffusers pipeline folder (model_index.json) or its transformer/ folder")
+    imported.add_argument("--save-model", type=str, required=True, help="the model file to write (.pt or .safetensors)")
+    return parser

@@ -164,6 +164,23 @@ class IndexPruningOptions(ModelOptions):
 
 
 @dataclasses.dataclass
+class DiffusersExportOptions(ModelOptions):
+    """python -m tinyfusion.diffusers_io export: the checkpoint, the pipeline folder to write, the codec (--vae)."""
+
+    ckpt: str = ""
+    out: str = ""
+    vae: str = "auto"
+
+
+@dataclasses.dataclass
+class DiffusersImportOptions:
+    """python -m tinyfusion.diffusers_io import: the diffusers folder, the model file to write."""
+
+    folder: str = ""
+    save_model: str = ""
+
+
+@dataclasses.dataclass
 class SamplingOptions(RuntimeOptions, ModelOptions):
     """The flags shared by sample.py and sample_ddp.py."""
 
