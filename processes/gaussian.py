@@ -3,7 +3,9 @@
 Training draws an integer timestep uniformly below the step count and the noise; the loss is the
 hybrid loss (noise MSE plus the VB term for a learned variance). Distillation compares the noise
 predictions (MSE) and, with learned variances, the Gaussians p(x_{t-1} | x_t) of student and teacher.
-Samplers: ancestral DDPM and DDIM (eta 0) on the respaced schedule, and diffusers' DPM-Solver++ 2M.
+Samplers: ancestral DDPM and DDIM (eta 0) on the respaced schedule (the official loops), and diffusers'
+schedulers through one loop (`DIFFUSERS_SAMPLERS`): DPM-Solver++ 2M and its SDE variant, UniPC, Euler
+ancestral and DDIM.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ class GaussianProcess(NoiseProcess):
     """
 
     name = "gaussian"
-    samplers = ("ddpm", "ddim", "dpm++")
-    default_steps = {"ddpm": 250, "ddim": 250, "dpm++": 20}
+    samplers = ("ddpm", "ddim", "dpm++", "dpm++-sde", "unipc", "euler-a", "ddim-hf")
+    # The official loops: DiT's 250 steps. The multistep solvers are second order and need few steps (20 for
+    # DPM-Solver++ 2M and UniPC, as diffusers' pipelines use; 25 for the SDE variant, whose injected noise
+    # costs accuracy per step); the first-order ones (diffusers' DDIM, Euler ancestral): 50, DiT's DDIM count.
+    default_steps = {"ddpm": 250, "ddim": 250, "dpm++": 20, "dpm++-sde": 25, "unipc": 20, "euler-a": 50,
+                     "ddim-hf": 50}
 
     def __init__(self, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
                  predict_xstart: bool = False, sigma_small: bool = False, use_kl: bool = False,
@@ -170,36 +176,59 @@ class GaussianProcess(NoiseProcess):
                options: dict | None = None) -> torch.Tensor:
         self.check_sampler(sampler, num_steps)
         self.resolve_options(sampler, options)  # the Gaussian samplers take none: refuses any given
-        if sampler == "dpm++":
-            return self._dpm_solver(denoise, noise, cond, num_steps, progress)
+        if sampler in DIFFUSERS_SAMPLERS:
+            return self._diffusers_loop(sampler, denoise, noise, cond, num_steps, generators, progress)
         diffusion = self._diffusion(str(num_steps))
         loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
         # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
         return loop(denoise, tuple(noise.shape), noise=noise, clip_denoised=False, model_kwargs=cond,
                     device=noise.device, progress=progress, generator=list(generators))
 
-    def _dpm_solver(self, denoise: Callable, noise: torch.Tensor, cond: Cond, num_steps: int,
-                    progress: bool) -> torch.Tensor:
-        """DPM-Solver++ (2M, Lu et al. 2022) from diffusers on this schedule; deterministic given x_T."""
-        from diffusers import DPMSolverMultistepScheduler
+    def diffusers_scheduler(self, sampler: str):
+        """The diffusers scheduler of `sampler` (one of `DIFFUSERS_SAMPLERS`) on this process's schedule."""
+        import diffusers
 
         if self.settings["predict_xstart"]:
-            raise UserError("--sampler dpm++ is implemented for noise-predicting models; use ddpm or ddim")
+            raise UserError(f"--sampler {sampler} is implemented for noise-predicting models; use ddpm or ddim")
         if self.settings["noise_schedule"] == "linear":  # DiT's linear schedule, epsilon prediction
             schedule = self.diffusers_schedule()
         else:  # the float64 betas of the cosine schedule, exactly
             schedule = dict(num_train_timesteps=self.settings["diffusion_steps"], prediction_type="epsilon",
                             trained_betas=self.diffusion.betas.tolist())
-        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **schedule)
+        name, settings = DIFFUSERS_SAMPLERS[sampler]
+        return getattr(diffusers, name)(**settings, **schedule)
+
+    def _diffusers_loop(self, sampler: str, denoise: Callable, noise: torch.Tensor, cond: Cond, num_steps: int,
+                        generators: Sequence[torch.Generator], progress: bool) -> torch.Tensor:
+        """Any of diffusers' schedulers on this schedule: the loop of diffusers' pipelines. The stochastic ones
+        draw row i's step noise from generators[i] (diffusers' `randn_tensor` takes one generator per row, and
+        the sampler sees one row per image: guidance doubles the batch inside `denoise`)."""
+        scheduler = self.diffusers_scheduler(sampler)
         scheduler.set_timesteps(num_steps, device=noise.device)
+        stochastic = {"generator": list(generators)} if sampler in STOCHASTIC_SAMPLERS else {}
         x = noise * scheduler.init_noise_sigma
         channels = noise.shape[1]
         for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-            timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-            # With a learned variance the model outputs 2C channels; the solver needs the noise (the first C).
-            eps = denoise(x, timesteps, **cond)[:, :channels]
-            x = scheduler.step(eps, t, x).prev_sample
+            # Euler's timesteps may fall between integers: the model then sees the float time.
+            time = int(t) if float(t).is_integer() else float(t)
+            timesteps = torch.full((len(x),), time, device=x.device,
+                                   dtype=torch.long if isinstance(time, int) else torch.float32)
+            # With a learned variance the model outputs 2C channels; the schedulers need the noise (the first C).
+            eps = denoise(scheduler.scale_model_input(x, t), timesteps, **cond)[:, :channels]
+            x = scheduler.step(eps, t, x, **stochastic).prev_sample
         return x
+
+
+# --sampler name -> (diffusers scheduler class, its settings). clip_sample off as in DiT's loops: latents are not
+# bounded to [-1, 1]; DDIM with eta 0 and the final step to alpha_bar = 1, as the official DDIM ends.
+DIFFUSERS_SAMPLERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++")),
+    "dpm++-sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim-hf": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=True)),
+}
+STOCHASTIC_SAMPLERS = ("dpm++-sde", "euler-a")
 
 
 register_process(GaussianProcess.name, GaussianProcess)

@@ -151,10 +151,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, cfg_default: float = 4
     group.add_argument("--guide-all-channels", action="store_true",
                        help="guide every noise channel (the official code guides the first 3 only)")
     group.add_argument("--num-sampling-steps", type=positive_int, default=None,
-                       help="steps of the sampler; None: the sampler's default (Gaussian: ddpm and ddim 250, dpm++ 20)")
+                       help="steps of the sampler; None: the sampler's default (Gaussian: ddpm and ddim 250, dpm++ "
+                            "and unipc 20, dpm++-sde 25, euler-a and ddim-hf 50)")
     group.add_argument("--sampler", choices=all_samplers(), default=None,
                        help="a sampler of the model's noise process; None: its first. Gaussian (DiT): ddpm "
-                            "(ancestral), ddim (eta 0), dpm++ (diffusers' DPM-Solver++ 2M); transport (SiT): ode "
+                            "(ancestral), ddim (eta 0), and diffusers' schedulers: dpm++ (DPM-Solver++ 2M), dpm++-sde "
+                            "(its SDE variant), unipc (UniPC), euler-a (Euler ancestral), ddim-hf (DDIMScheduler); "
+                            "transport (SiT): ode "
                             "(probability flow), sde; masked tokens (MAR): mar (--num-sampling-steps are the "
                             "token sampler's, 100 by default)")
     group = parser.add_argument_group("transport samplers (SiT); unset: the official defaults")

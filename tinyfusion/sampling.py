@@ -84,7 +84,8 @@ class SamplingSpec:
     """How images are drawn from a model: everything but the model, the seeds and the labels.
 
     Attributes:
-        sampler: a sampler of the model's noise process (Gaussian: "ddpm", "ddim", "dpm++").
+        sampler: a sampler of the model's noise process (Gaussian: "ddpm", "ddim", "dpm++", "dpm++-sde",
+            "unipc", "euler-a", "ddim-hf").
         num_steps: sampling steps (the Gaussian process respaces its training steps to this many).
         cfg_scale: classifier-free guidance scale; 1.0 runs the plain conditional model.
         guide_all_channels: guide every noise channel, not the first 3 (the official choice).
