@@ -41,10 +41,8 @@ import os
 import platform
 import re
 import statistics
-from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness import (
     BenchModel,
@@ -52,6 +50,7 @@ from benchmarks.harness import (
     default_process_record,
     format_table,
     forward_call,
+    forward_flops,
     time_interleaved,
 )
 from models import ARCHITECTURES, create_model, registry_spec
@@ -146,12 +145,6 @@ def attention_flops(queries: int, keys: float, heads: int, head_dim: int, batch:
 
 def model_attention_flops(model: torch.nn.Module, queries: int, keys: float, batch: int) -> float:
     return sum(attention_flops(queries, keys, m.num_heads, m.head_dim, batch) for m in attention_modules(model))
-
-
-def counted_flops(call: Callable[[], object]) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        call()
-    return float(counter.get_total_flops())
 
 
 #################################################################################
@@ -286,7 +279,7 @@ def bench_operation(shape: tuple[str, int, int], grid: int, precision: str, args
     return rows
 
 
-def forward_flops(name: str, grid: int, chosen: list[tuple[dict, str]], batch: int) -> tuple[list[float], float]:
+def model_flops(name: str, grid: int, chosen: list[tuple[dict, str]], batch: int) -> tuple[list[float], float]:
     """FLOPs of the model's forward at `grid` per variant, counted on the meta device (no memory, no time), and
     the rest of the model's (all but attention's) FLOPs."""
     with torch.device("meta"):
@@ -297,7 +290,7 @@ def forward_flops(name: str, grid: int, chosen: list[tuple[dict, str]], batch: i
     for spec, path in chosen:
         convert_attention(model, spec)
         set_attention_path(model, forced(path))
-        flops.append(counted_flops(call))
+        flops.append(float(forward_flops(call)))
     T = grid * grid
     rest = flops[0] - model_attention_flops(model, T, T, batch)
     return flops, rest
@@ -309,7 +302,7 @@ def bench_forward(name: str, grids: list[int], precisions: list[str], args, devi
     rows = []
     for grid in grids:
         chosen = runnable(variants(args.radii, args.forward_paths or args.paths), grid, args.dense_max_mib, skipped)
-        flops, rest = forward_flops(name, grid, chosen, args.batch_size)
+        flops, rest = model_flops(name, grid, chosen, args.batch_size)
         if flops[0] / 1e12 > args.max_forward_tflops:
             skipped.append(f"{name} forward at {grid}x{grid}: {flops[0] / 1e12:.1f} TFLOPs per call with global "
                            f"attention, over --max-forward-tflops {args.max_forward_tflops:g}")
