@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import platform
 import re
 import statistics
 
@@ -48,6 +46,7 @@ from benchmarks.harness import (
     BenchModel,
     _setup,
     default_process_record,
+    device_name,
     format_table,
     forward_call,
     forward_flops,
@@ -204,33 +203,6 @@ def _check_model(name: str) -> None:
     if groups is not None or not hasattr(ARCHITECTURES[arch], "ATTENTION_KINDS"):
         what = "a gated training preset" if groups is not None else f"a {arch} ({NO_ATTENTION_KINDS})"
         raise UserError(f"--models {name}: {what}; give DiT or SiT registry names")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), its logical CPUs, and the vector units bf16 runs on."""
-    name = platform.processor() or platform.machine()
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if flags and name:
-                    break
-    except OSError:
-        pass
-    units = [u for u in ("avx512_bf16", "amx_bf16") if u in flags] if flags else []
-    bf16 = (", bf16: " + " ".join(units) if units else ", no bf16 vector units") if flags else ""
-    return f"{name} ({os.cpu_count()} logical CPUs{bf16})"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
 
 
 #################################################################################

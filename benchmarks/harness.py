@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import platform
 import resource
 import statistics
 import tempfile
@@ -121,6 +123,33 @@ def forward_flops(call: Callable[[], object]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         call()
     return int(counter.get_total_flops())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), its logical CPUs, and the vector units bf16 runs on."""
+    name = platform.processor() or platform.machine()
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if flags and name:
+                    break
+    except OSError:
+        pass
+    units = [u for u in ("avx512_bf16", "amx_bf16") if u in flags] if flags else []
+    bf16 = (", bf16: " + " ".join(units) if units else ", no bf16 vector units") if flags else ""
+    return f"{name} ({os.cpu_count()} logical CPUs{bf16})"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
 
 
 #################################################################################

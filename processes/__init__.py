@@ -11,6 +11,7 @@ from .base import (
     Draws,
     NoiseProcess,
     Prediction,
+    SweepPoint,
     TimeDomain,
     all_samplers,
     create_process,
@@ -23,6 +24,6 @@ from .masked import MaskedTokenProcess
 
 __all__ = [
     "Cond", "Draws", "GaussianProcess", "MaskedTokenProcess",
-    "NoiseProcess", "Prediction", "TimeDomain", "TransportProcess", "all_samplers",
+    "NoiseProcess", "Prediction", "SweepPoint", "TimeDomain", "TransportProcess", "all_samplers",
     "create_process", "process_names", "register_process",
 ]

@@ -29,6 +29,36 @@ Cond = dict
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    """One setting of a sampler in a sweep over the number of network evaluations (`evaluation_sweep`).
+
+    Attributes:
+        name: the sampler as tables name it ("ddpm", "ode-heun", "ode-dopri5 rtol 0.01", "mar").
+        sampler: the --sampler it runs.
+        num_steps: its --num-sampling-steps (None: the process's default, e.g. MAR's token steps).
+        options: its options (ODE method and tolerances, MAR's iterations).
+        evaluations: the network evaluations per image it makes (None for an adaptive solver: measured).
+    """
+
+    name: str
+    sampler: str
+    num_steps: int | None
+    options: dict
+    evaluations: int | None
+
+
+def counted(denoise: Callable) -> tuple[Callable, list[int]]:
+    """`denoise` and a one-element list that counts its calls (what a sampler sets `last_nfe` from)."""
+    calls = [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return denoise(*args, **kwargs)
+
+    return counting, calls
+
+
+@dataclasses.dataclass(frozen=True)
 class TimeDomain:
     """Where a process's time lives: `steps` integer steps 0..steps-1, or the interval [start, end]."""
 
@@ -76,6 +106,9 @@ class NoiseProcess(abc.ABC):
     # True for a process whose sampler runs the model's own generation loop (MAR's masked iterations):
     # it implements `sample_model` instead of `sample`.
     drives_model: bool = False
+    # After `sample` or `sample_model`: (N,) the network evaluations each image took. A guided evaluation
+    # (the conditional and null rows in one call) counts once; MAR counts its backbone passes.
+    last_nfe: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ description
 
@@ -174,6 +207,12 @@ class NoiseProcess(abc.ABC):
         """Samples (N, ...) for the labels by the model's own loop (processes with `drives_model`); image i
         depends on generators[i] alone."""
         raise NotImplementedError(f"the {self.name} process samples from noise with `sample`")
+
+    def evaluation_sweep(self, evaluations: Sequence[int], data_shape: Sequence[int]) -> list[SweepPoint]:
+        """Every sampler of the process at about each number of network evaluations per image in `evaluations`
+        (benchmarks.nfe), for a model of `data_shape`; a sampler skips the counts it cannot make. Default: every
+        sampler makes one evaluation per step."""
+        return [SweepPoint(s, s, n, {}, n) for s in self.samplers for n in evaluations]
 
 
 #################################################################################

@@ -23,10 +23,13 @@ from transport import Sampler, create_transport
 from transport.integrators import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS
 from transport.transport import mean_flat
 
-from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
+from .base import Cond, Draws, NoiseProcess, Prediction, SweepPoint, TimeDomain, counted, register_process
 
 # What `--sampling-method` may name for the ODE: torchdiffeq's methods, "heun" being its "heun2".
 ODE_METHOD_ALIASES = {"heun": "heun2"}
+# The tolerances of dopri5 in a sweep over evaluation counts: about 20, 40 and 70 evaluations on the quickstart's
+# SiT teacher.
+SWEEP_RTOLS = (1e-1, 1e-2, 1e-3)
 # The time grid a criterion over timesteps walks (`calibration_times`): as many points as DiT's diffusion has
 # steps, evenly spaced over the training interval from its data end.
 CALIBRATION_POINTS = 1000
@@ -162,7 +165,28 @@ class TransportProcess(NoiseProcess):
             sampling_method=opts["sampling_method"], diffusion_form=opts["diffusion_form"],
             diffusion_norm=opts["diffusion_norm"], last_step=opts["last_step"],
             last_step_size=opts["last_step_size"], num_steps=num_steps)
-        return solve(noise, denoise, generator=list(generators), **cond)[-1]
+        denoise, calls = counted(denoise)
+        samples = solve(noise, denoise, generator=list(generators), **cond)[-1]
+        self.last_nfe = torch.full((len(noise),), calls[0], dtype=torch.long)
+        return samples
+
+    def evaluation_sweep(self, evaluations: Sequence[int], data_shape: Sequence[int]) -> list[SweepPoint]:
+        """The ODE with Euler (one evaluation per step) and Heun (two), the SDE with Euler-Maruyama and Heun (one
+        and two per step, and one for the default last step), each at the grid nearest each count; and dopri5 at
+        SWEEP_RTOLS (atol rtol / 1000), whose counts are measured per image."""
+        points = []
+        for n in evaluations:
+            heun = max(1, round(n / 2))
+            sde_heun = max(1, round((n - 1) / 2))
+            points += [SweepPoint("ode-euler", "ode", n + 1, {"sampling_method": "euler"}, n),
+                       SweepPoint("ode-heun", "ode", heun + 1, {"sampling_method": "heun2"}, 2 * heun)]
+            if n >= 2:
+                points.append(SweepPoint("sde-euler", "sde", n, {"sampling_method": "Euler"}, n))
+            points.append(SweepPoint("sde-heun", "sde", sde_heun + 1, {"sampling_method": "Heun"}, 2 * sde_heun + 1))
+        for rtol in SWEEP_RTOLS:
+            points.append(SweepPoint(f"ode-dopri5 rtol {rtol:g}", "ode", 2,
+                                     {"sampling_method": "dopri5", "rtol": rtol, "atol": rtol * 1e-3}, None))
+        return points
 
 
 def _shaped_like(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from diffusion import create_diffusion
 from diffusion.losses import mean_flat, normal_kl
 from tinyfusion.errors import UserError
 
-from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
+from .base import Cond, Draws, NoiseProcess, Prediction, SweepPoint, TimeDomain, counted, register_process
 
 
 class GaussianProcess(NoiseProcess):
@@ -176,13 +176,23 @@ class GaussianProcess(NoiseProcess):
                options: dict | None = None) -> torch.Tensor:
         self.check_sampler(sampler, num_steps)
         self.resolve_options(sampler, options)  # the Gaussian samplers take none: refuses any given
+        denoise, calls = counted(denoise)
         if sampler in DIFFUSERS_SAMPLERS:
-            return self._diffusers_loop(sampler, denoise, noise, cond, num_steps, generators, progress)
-        diffusion = self._diffusion(str(num_steps))
-        loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
-        # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
-        return loop(denoise, tuple(noise.shape), noise=noise, clip_denoised=False, model_kwargs=cond,
-                    device=noise.device, progress=progress, generator=list(generators))
+            samples = self._diffusers_loop(sampler, denoise, noise, cond, num_steps, generators, progress)
+        else:
+            diffusion = self._diffusion(str(num_steps))
+            loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+            # No clipping of the predicted x_0, as in DiT's sampling scripts: latents are not bounded to [-1, 1].
+            samples = loop(denoise, tuple(noise.shape), noise=noise, clip_denoised=False, model_kwargs=cond,
+                           device=noise.device, progress=progress, generator=list(generators))
+        self.last_nfe = torch.full((len(noise),), calls[0], dtype=torch.long)
+        return samples
+
+    def evaluation_sweep(self, evaluations: Sequence[int], data_shape: Sequence[int]) -> list[SweepPoint]:
+        """Every sampler at each count up to the training steps: each makes one evaluation per step (the
+        multistep solvers reuse the previous steps' outputs)."""
+        steps = self.settings["diffusion_steps"]
+        return [SweepPoint(s, s, n, {}, n) for s in self.samplers for n in evaluations if n <= steps]
 
     def diffusers_scheduler(self, sampler: str):
         """The diffusers scheduler of `sampler` (one of `DIFFUSERS_SAMPLERS`) on this process's schedule."""

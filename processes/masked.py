@@ -32,7 +32,7 @@ from models import unwrap
 from models.mar import mask_by_order, patchify
 from tinyfusion.errors import UserError
 
-from .base import Cond, Draws, NoiseProcess, Prediction, TimeDomain, register_process
+from .base import Cond, Draws, NoiseProcess, Prediction, SweepPoint, TimeDomain, register_process
 from .gaussian import GaussianProcess
 
 # scipy's truncnorm((min - 1) / std, 0, loc=1, scale=std) of the official code.
@@ -198,10 +198,20 @@ class MaskedTokenProcess(NoiseProcess):
         if hasattr(model, "gates"):
             raise UserError("a gated MAR is sampled after its decision is applied: prune it (prune_by_learning.py "
                              "writes the pruned model) and sample that")
-        return unwrap(model).sample_tokens(
+        samples = unwrap(model).sample_tokens(
             len(labels), num_iter=int(options["num_iter"]), cfg=cfg_scale, cfg_schedule=options["cfg_schedule"],
             labels=labels, temperature=float(options["temperature"]), progress=progress, generators=generators,
             num_sampling_steps=num_steps)
+        self.last_nfe = torch.full((len(labels),), int(options["num_iter"]), dtype=torch.long)
+        return samples
+
+    def evaluation_sweep(self, evaluations: Sequence[int], data_shape: Sequence[int]) -> list[SweepPoint]:
+        """The masked iterations (one backbone pass each, then the token steps of the head on the tokens it
+        reveals) at each count, a count above the model's tokens taken as one iteration per token; the head's
+        steps stay the process's."""
+        tokens = self._token_shape(data_shape)[0]
+        counts = sorted({min(int(n), tokens) for n in evaluations})
+        return [SweepPoint("mar", "mar", None, {"num_iter": n}, n) for n in counts]
 
 
 register_process(MaskedTokenProcess.name, MaskedTokenProcess)

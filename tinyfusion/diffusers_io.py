@@ -46,6 +46,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -327,8 +328,7 @@ def export_pipeline(loaded: LoadedModel, out: str | os.PathLike, vae: str = "aut
     if vae_config is not None:
         named = "vae/ (a copy of the codec's folder)"
     elif spec == "none":
-        named = "none: a pixel-space model; DiTPipeline decodes with a VAE, so use the transformer and the scheduler " \
-                "directly"
+        named = "none: a pixel-space model; pass vae=tinyfusion.diffusers_io.PixelDecoder() to DiTPipeline"
     elif is_kl16_spec(spec):
         named = f"{spec}: MAR's KL-16 autoencoder (tinyfusion.klvae), not a diffusers AutoencoderKL"
     else:
@@ -551,6 +551,30 @@ def run_import(args: DiffusersImportOptions) -> ImportedModel:
 #################################################################################
 #                          diffusers' DiT behind our call                       #
 #################################################################################
+
+class PixelDecoder(nn.Module):
+    """The "VAE" of a pixel-space export: DiTPipeline divides its latents by `config.scaling_factor` and returns
+    `decode(latents).sample` mapped from [-1, 1]; here the latents are the images.
+    `DiTPipeline.from_pretrained(FOLDER, vae=PixelDecoder())`."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(scaling_factor=1.0)
+        # a pipeline places and reads its components by their `device` and `dtype`, which this one takes from a
+        # buffer it moves with
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        return SimpleNamespace(sample=latents) if return_dict else (latents,)
+
 
 class DiffusersDiT(nn.Module):
     """diffusers' DiTTransformer2DModel behind this toolkit's call, model(x_t, t, y), with what the benchmarks read
