@@ -106,8 +106,7 @@ def main(args) -> dict:
         vae = {} if os.path.isdir(f"{tmp}/pipeline/vae") else {"vae": codec.vae or PixelDecoder()}
         pipe = DiTPipeline.from_pretrained(f"{tmp}/pipeline", **vae)
     pipe.set_progress_bar_config(disable=True)
-    steps = loaded.process.get("diffusion_steps", 1000)
-    forward = forward_error(model, pipe.transformer, args.forward_batches, steps)
+    forward = forward_error(model, pipe.transformer, args.forward_batches, process.time_domain().steps)
     extractor = load_extractor(args.feature_extractor)
 
     def pipeline_images(shift: float) -> np.ndarray:

@@ -30,9 +30,17 @@ FORWARD_BOUND = 1.5e-2
 # same noise, tiny_dit seed 0, three images: the latents differ by at most 6.9e-2 on latents up to 233 (a random
 # model's x_0 predictions grow as alpha_bar falls), 3.0e-4 of their scale. Bound: 3.3x that, relative to the scale.
 PIPELINE_REL_BOUND = 1e-3
-TRAINED_FORWARD_BOUND = 1.0  # TODO measured
-TRAINED_PIXEL_BOUND = 100.0
-TRAINED_FID_BOUND = 1.0
+# On trained weights (benchmarks.diffusers_parity; AMD EPYC), as exported (diffusers' frequency spacing):
+# - this file's pixel-space tiny DiT after 600 steps on the digits: forward max |diffusers - ours| 0.105 (mean
+#   0.011, outputs up to 4.3) on 256 random inputs; 256 unguided images of 10 DDIM steps from the same noise differ
+#   by 5.0 uint8 levels on average (35 at most), FID 17.4 through DiTPipeline against 20.6 in the toolkit (16%);
+# - the quickstart's teacher (DiT-Nano/2, 4,000 steps): 0.128 (mean 0.014, outputs up to 5.1); 898 images differ
+#   by 2.8 levels on average, FID 7.57 against 9.13 (17%; the toolkit's own FID over three sampling seeds: 8.41 to
+#   9.13).
+# Bounds: 2.4x the forward difference, 2x the pixel difference, and twice the relative FID difference measured.
+TRAINED_FORWARD_BOUND = 0.25
+TRAINED_PIXEL_BOUND = 10.0
+TRAINED_FID_BOUND = 0.35
 
 
 def dit_frequencies(transformer) -> None:
@@ -334,7 +342,8 @@ def test_dit_pipeline_samples_a_trained_model_as_the_toolkit_does(trained_pixel_
     root = trained_pixel_dit
     out = root / "parity"
     run_cli(["-m", "benchmarks.diffusers_parity", "--ckpt", str(root / "teacher.pt"), "--ref", str(root / "ref.npz"),
-             "--feature-extractor", str(root / "fx.pt"), "--num-samples", "256", "--out", str(out)],
+             "--feature-extractor", str(root / "fx.pt"), "--num-samples", "256", "--spread-seeds", "0", "--out",
+             str(out)],
             env={"PYTHONPATH": no_network_path(root), **OFFLINE})
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {r["sampler"]: r for r in result["rows"]}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_cli, tiny_dit
 
-BENCHMARKS = ["benchmarks.attention", "benchmarks.forward", "benchmarks.mar_speed", "benchmarks.sit_nfe",
-              "benchmarks.training"]
+BENCHMARKS = ["benchmarks.attention", "benchmarks.diffusers_parity", "benchmarks.forward", "benchmarks.mar_speed",
+              "benchmarks.nfe", "benchmarks.training"]
 
 
 def help_text(module_name: str, capsys) -> str:
