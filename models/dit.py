@@ -18,11 +18,11 @@ import re
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from tinyfusion.errors import AmbiguousWeights, UserError
 
 from .attention import ATTENTION_KINDS, Attention, attention_spec
+from .stacks import checkpoint_block
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -354,7 +354,7 @@ class DiT(nn.Module):
         c = t + y  # (N, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint_block(block, x, c)
             else:
                 x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)

@@ -200,7 +200,7 @@ class GatedModel(nn.Module):
         blocks = flat_blocks(model)
         self.gates = LayerGates(parse_stack_groups(groups, stack_depths(model)) if isinstance(groups, str)
                                 else parse_groups(groups, depth=len(blocks)))
-        self._mask: torch.Tensor | None = None  # (B, depth) during a gated call, else None
+        self._mask: torch.Tensor | None = None  # (B, depth) during a gated call and its recomputations, else None
         self._handles = self._attach()
 
     def _attach(self) -> list:
@@ -237,21 +237,29 @@ class GatedModel(nn.Module):
 
     @contextmanager
     def gating(self, batch_size: int, uniform: torch.Tensor | None = None):
-        """Within this context, every call of the wrapped model's blocks is gated."""
+        """Within this context, every call of the wrapped model's blocks is gated.
+
+        A block the wrapped model checkpoints (`gradient_checkpointing`, through `models.stacks.checkpoint_block`)
+        is recomputed in the backward pass, after this context has ended: its hook hands the mask of the call to
+        the recomputation (`_GateHook.recompute_context`), so the recomputed block is gated alike.
+        """
         if not self._handles:
             raise RuntimeError("the gates were released from this model")
-        if getattr(self.model, "gradient_checkpointing", False) and self.training:
-            # Recomputation in the backward pass runs outside this context and would not be gated.
-            raise UserError("layer gates cannot be trained with gradient checkpointing; turn it off")
         if self.training:
             mask = self.gates.sample(batch_size, uniform)
         else:
             mask = self.gates.argmax_mask().unsqueeze(0).expand(batch_size, -1)
-        self._mask = mask
-        try:
+        with self._gated_by(mask):
             yield mask
+
+    @contextmanager
+    def _gated_by(self, mask: torch.Tensor | None):
+        """The blocks' hooks gate with `mask` (B, depth) within this context; what gated before comes back after."""
+        previous, self._mask = self._mask, mask
+        try:
+            yield
         finally:
-            self._mask = None
+            self._mask = previous
 
     def forward(self, x: torch.Tensor, *args, gate_uniform: torch.Tensor | None = None, **kwargs):
         """The wrapped model's forward with gated blocks; `gate_uniform` as in `LayerGates.sample`."""
@@ -274,6 +282,12 @@ class _GateHook:
 
     def __deepcopy__(self, memo):
         raise RuntimeError("a gated block cannot be deep-copied alone: copy the GatedModel, or release() its gates")
+
+    def recompute_context(self):
+        """The context a checkpointed recomputation of the block runs in (`models.stacks.checkpoint_block` calls
+        this when the block is called): gated by the mask of this call, the very tensor, so the recomputation
+        computes what the call computed, and ungated when the call was."""
+        return self.owner._gated_by(self.owner._mask)
 
     def __call__(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         mask = self.owner._mask

@@ -29,11 +29,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from tinyfusion.errors import UserError
 
 from .diffloss import DiffLoss
+from .stacks import checkpoint_block
 
 # The token sampler's steps of the official code (main_mar.py's --num_sampling_steps).
 DEFAULT_SAMPLING_STEPS = 100
@@ -365,7 +365,7 @@ class MAR(nn.Module):
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint_block(block, x)
             else:
                 x = block(x)
         return x

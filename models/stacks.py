@@ -18,10 +18,12 @@ On the command line a multi-stack model takes either flat indices and groups, or
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from tinyfusion.errors import UserError
 
@@ -152,6 +154,37 @@ def _integers(tokens: Sequence[str] | str, flag: str) -> list[int]:
     if bad:
         raise UserError(f"{flag}: {bad[0]!r} is not a block index; write integers such as 0 2 4 or \"[0, 2, 4]\"")
     return [int(p) for p in parts]
+
+
+#################################################################################
+#                                Checkpointed blocks                            #
+#################################################################################
+
+def checkpoint_block(block: nn.Module, *args) -> torch.Tensor:
+    """`block(*args)` with activation checkpointing: its activations are recomputed in the backward pass.
+
+    A family runs the blocks of its stacks through this under `gradient_checkpointing`. The recomputation calls
+    the block again, forward hooks included, but in the backward pass, outside whatever context the forward ran
+    in. A hook whose result depends on such a context (the gates' mask, set only inside `GatedModel.gating`) has
+    a method `recompute_context()`: called here at forward time, it returns a context manager that restores what
+    the hook read, and the recomputation runs inside it, so it computes what the forward computed.
+    """
+    # Forward hooks are kept in the module's `_forward_hooks` (torch has no public accessor); the hooks that
+    # qualify are the toolkit's own (models.gates._GateHook).
+    hooks = [hook for hook in block._forward_hooks.values() if hasattr(hook, "recompute_context")]
+
+    def contexts():  # torch calls this once per checkpointed call, at forward time
+        return nullcontext(), _entered_together([hook.recompute_context() for hook in hooks])
+
+    return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
+
+
+@contextmanager
+def _entered_together(contexts: list):
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 #################################################################################

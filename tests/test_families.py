@@ -285,6 +285,28 @@ class ModelContract(abc.ABC):
             torch.testing.assert_close(self.call(gated, inputs), self.call(prune_depth(model, kept).eval(), inputs),
                                        atol=0, rtol=0)
 
+    def test_gated_blocks_train_alike_under_checkpointing(self):
+        """A family that checkpoints its blocks (`gradient_checkpointing`) recomputes them through
+        models.stacks.checkpoint_block, gated by their own call's mask: the same output and gradients, bit for bit
+        (the same kernels on the same inputs; tests/test_gate_checkpointing.py)."""
+        def run(checkpointing):
+            model = self.tiny()
+            depths = stack_depths(model)
+            gated = GatedModel(model, parse_stack_groups([f"{n}=1:{d}" for n, d in depths.items()], depths)).train()
+            gated.model.gradient_checkpointing = checkpointing
+            torch.manual_seed(0)  # the gate noise and the label dropout, drawn alike
+            out = self.call(gated, self.inputs(model))
+            out.square().mean().backward()
+            return out.detach(), {name: p.grad for name, p in gated.named_parameters()}
+
+        (plain, plain_grads), (out, grads) = run(False), run(True)
+        assert torch.equal(out, plain)
+        assert grads["gates.logits.0"].abs().max() > 0
+        for name, grad in grads.items():
+            assert (grad is None) == (plain_grads[name] is None), name
+            if grad is not None:
+                assert torch.equal(grad, plain_grads[name]), name
+
     def test_lora_attaches_and_discards(self):
         model = self.tiny().eval()
         original = {k: v.clone() for k, v in model.state_dict().items()}

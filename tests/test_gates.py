@@ -174,10 +174,3 @@ def test_released_gates_leave_no_hooks_and_pruning_a_gated_model_is_refused():
     pruned = prune_depth(base, [0, 2])
     assert all(len(b._forward_hooks) == 0 for b in pruned.blocks)
     assert not any(isinstance(m, GatedModel) for m in pruned.modules())
-
-
-def test_gradient_checkpointing_is_refused_while_gating():
-    gated = GatedModel(tiny_dit(depth=2), "1:2").train()
-    gated.model.gradient_checkpointing = True
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        gated(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]))

@@ -1,5 +1,6 @@
 """Gradient checkpointing of DiT and SiT: the same loss and gradients as without it, in the model and
-through train.py --grad-checkpointing. (MAR's: tests/test_mar_reference.py.)"""
+through train.py --grad-checkpointing, and prune_by_learning.py --grad-checkpointing: the same losses and decision.
+(MAR's: tests/test_mar_reference.py; gated blocks: tests/test_gate_checkpointing.py.)"""
 
 import json
 
@@ -8,7 +9,8 @@ import torch
 from helpers import run_cli, tiny_dit, tiny_sit, write_features
 
 from processes import GaussianProcess, TransportProcess
-from tinyfusion.checkpoint import read_checkpoint, save_model
+from tinyfusion.checkpoint import load_model, read_checkpoint, save_model
+from tinyfusion.engine import check_resumable
 from tinyfusion.synthetic import class_pattern_latents
 
 # Checkpointing recomputes each block with the same kernels on the same inputs: on one machine the results
@@ -115,3 +117,47 @@ def test_train_py_with_grad_checkpointing_logs_the_same_losses(tmp_path):
         # A recomputed forward may round its last bits otherwise; a missed gradient moves a weight by ~lr (1e-3)
         # a step, 1000x this tolerance.
         torch.testing.assert_close(checkpointed["model"][name], value, atol=1e-6, rtol=1e-5, msg=name)  # see above
+
+
+def test_prune_by_learning_with_grad_checkpointing_logs_the_same_losses_and_keeps_the_same_blocks(planted, tmp_path):
+    def learn(prefix, *flag):
+        return run_cli(["-c", COUNT_CHECKPOINTS, "prune_by_learning.py", "--load-weight", str(planted["ckpt"]),
+                        "--groups", "3x1:2", "--data-path", str(planted["data"]), "--results-dir", str(tmp_path),
+                        "--prefix", prefix, "--max-steps", "12", "--global-batch-size", "16", "--log-every", "4",
+                        "--num-workers", "0", "--ema-decay", "0.8", "--delta-w", "--lora", "--lora-rank", "2",
+                        "--save-model", str(tmp_path / f"{prefix}.pt"), *flag])
+
+    runs = {}
+    for prefix, flag in (("plain", []), ("checkpointed", ["--grad-checkpointing"])):
+        proc = learn(prefix, *flag)
+        run_dir = tmp_path / prefix
+        runs[prefix] = {
+            "calls": int(proc.stdout.rsplit("checkpointed calls: ", 1)[1].split()[0]),
+            "logged": "gradient checkpointing" in (run_dir / "log.txt").read_text(),
+            "losses": [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+            "decisions": (run_dir / "decisions.jsonl").read_text().splitlines(),
+            "kept": load_model(tmp_path / f"{prefix}.pt").lineage["kept_indices"],
+            "state": read_checkpoint(run_dir / "checkpoints" / "step-0000012.pt")["model"]}
+    plain, checkpointed = runs["plain"], runs["checkpointed"]
+    # the flag reached the gated model: its 6 blocks checkpointed in each of the 12 training forwards, and logged
+    assert (plain["calls"], checkpointed["calls"]) == (0, 6 * 12)
+    assert (plain["logged"], checkpointed["logged"]) == (False, True)
+    # Exact, as in tests/test_gate_checkpointing.py: the recomputation runs the same CPU kernels on the same inputs
+    # (one thread in both processes), so the losses, the gate logits and LoRA's weights are the same bits.
+    assert len(plain["losses"]) == 3 and plain["losses"][0] != plain["losses"][-1]
+    assert checkpointed["losses"] == plain["losses"]
+    assert checkpointed["decisions"] == plain["decisions"]
+    assert checkpointed["kept"] == plain["kept"] == planted["essential"]
+    assert checkpointed["state"].keys() == plain["state"].keys()
+    assert any(".lora_" in key for key in plain["state"]) and any("gates." in key for key in plain["state"])
+    for key, value in plain["state"].items():
+        assert torch.equal(checkpointed["state"][key], value), key
+
+
+def test_a_run_resumes_with_or_without_grad_checkpointing(tmp_path):
+    """The flag may change when a run is resumed (on a smaller GPU), and prune_by_learning.py runs that recorded
+    no grad_checkpointing setting (before the script had the flag) resume with or without it."""
+    recorded = {"lr": 1e-4, "max_steps": 12}
+    for now in (False, True):
+        check_resumable(recorded, {**recorded, "grad_checkpointing": now}, tmp_path)
+        check_resumable({**recorded, "grad_checkpointing": not now}, {**recorded, "grad_checkpointing": now}, tmp_path)

@@ -223,6 +223,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
     group.add_argument("--micro-batch-size", type=positive_int, default=None,
                        help="per-process batch of one forward pass; gradients accumulate up to the "
                             "per-process share of --global-batch-size (default: all of it at once)")
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute block activations in the backward pass to save memory (gated blocks "
+                            "included); the same losses and gradients")
     group.add_argument("--lr", type=float, default=lr)
     group.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
@@ -238,8 +241,6 @@ def add_training_args(parser: argparse.ArgumentParser, *, global_batch_size: int
 
 def add_recovery_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the scripts that train a model to keep (train.py, train_masked_kd.py)."""
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute block activations in the backward pass to save memory")
     parser.add_argument("--save-model", type=str, default=None,
                         help="also write the final model (weights and EMA, no optimizer) to this file")
 

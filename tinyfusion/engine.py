@@ -41,11 +41,12 @@ from .features import FeatureDataset, GlobalBatchSampler, SeedPurpose, derive_se
 from .fileio import atomic_write_json, setting_differences, truncate_jsonl
 from .precision import autocast, grad_scaler
 
-# Settings that may change between a run and its resumption (they do not change the result). Paths are
-# compared by what they hold (tinyfusion.training.run_settings records the content of each input), so a
+# Settings that may change between a run and its resumption (they do not change the result; gradient
+# checkpointing recomputes the very activations it drops, so a run resumed on a smaller GPU may turn it on). Paths
+# are compared by what they hold (tinyfusion.training.run_settings records the content of each input), so a
 # moved run folder or a data path spelled another way resumes.
 RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "num_workers", "tensorboard", "device",
-                     "max_nonfinite_steps", "save_model", "results_dir", "prefix", "debug"}
+                     "max_nonfinite_steps", "save_model", "results_dir", "prefix", "debug", "grad_checkpointing"}
 # The suffix of the settings that record what an input path holds (tinyfusion.training.run_settings).
 CONTENT_SUFFIX = "@content"
 # Exit statuses of a run stopped by a signal after saving (128 + the signal's number, as a shell reports).

@@ -32,6 +32,7 @@ from .training import (
     model_for_training,
     parameter_count,
     predict_with_teacher,
+    set_grad_checkpointing,
     start_run,
     total_steps,
     train_and_save,
@@ -206,8 +207,7 @@ def run_masked_kd(args: MaskedKDOptions) -> None:
                              num_heads=args.teacher_num_heads)
         check_teacher_fits(student, teacher, args.load_teacher)
         model = student.model.to(run.env.device)
-        if args.grad_checkpointing:
-            model.gradient_checkpointing = True
+        set_grad_checkpointing(args, model, run.logger)
         teacher_model = teacher.model.to(run.env.device).eval().requires_grad_(False)
         s_depth, t_depth = total_depth(model), total_depth(teacher_model)
         if args.layer_map:

@@ -77,6 +77,7 @@ class TrainingOptions(RuntimeOptions, ModelOptions):
     max_nonfinite_steps: int = 5
     global_batch_size: int = 256
     micro_batch_size: int | None = None
+    grad_checkpointing: bool = False
     lr: float = 1e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -91,7 +92,6 @@ class TrainingOptions(RuntimeOptions, ModelOptions):
 class TrainOptions(TrainingOptions):
     """train.py."""
 
-    grad_checkpointing: bool = False
     save_model: str | None = None
 
 

@@ -227,6 +227,14 @@ def model_for_training(args: TrainingOptions, dataset: FeatureDataset, logger: l
     return loaded
 
 
+def set_grad_checkpointing(args: TrainingOptions, model: nn.Module, logger: logging.Logger) -> None:
+    """--grad-checkpointing: the model (under its wrappers, the gates included) recomputes its blocks' activations
+    in the backward pass instead of keeping them; the family's `gradient_checkpointing` switch."""
+    if args.grad_checkpointing:
+        unwrap(model).gradient_checkpointing = True
+        logger.info("gradient checkpointing: block activations are recomputed in the backward pass")
+
+
 def checkpoint_record(loaded: LoadedModel, script: str) -> dict:
     """The self-describing part of the checkpoints of a model that keeps its architecture."""
     return {"arch": loaded.arch, "config": loaded.config, "process": loaded.process, "codec": loaded.codec,
@@ -302,8 +310,7 @@ def run_train(args: TrainOptions) -> None:
         loaded = model_for_training(args, run.dataset, run.logger)
         args = with_family_recipe(args, loaded.model)
         model = loaded.model.to(run.env.device)
-        if args.grad_checkpointing:
-            model.gradient_checkpointing = True
+        set_grad_checkpointing(args, model, run.logger)
         process = create_process(loaded.process)
         steps = total_steps(args, run.dataset)
         run.logger.info(f"{parameter_count(model):,} parameters; {steps} steps; {process.name} process "

@@ -31,6 +31,7 @@ from ..training import (
     adopt_data_codec,
     check_data_fits,
     run_settings,
+    set_grad_checkpointing,
     start_run,
     total_steps,
     train_config,
@@ -171,6 +172,7 @@ def run_prune_by_learning(args: LearnedPruningOptions) -> None:
     with start_run(args, default_prefix=f"{name}-learned-pruning", outputs={"--save-model": args.save_model}) as run:
         loaded = _gated_source(args)
         gated = loaded.model.to(run.env.device)
+        set_grad_checkpointing(args, gated, run.logger)
         check_data_fits(gated, run.dataset)
         adopt_data_codec(loaded, run.dataset, run.logger)
         groups = gated.gates.groups
