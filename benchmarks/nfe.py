@@ -81,6 +81,11 @@ def parse_args(argv=None):
     parser.add_argument("--samplers", nargs="+", default=None,
                         help="only these settings of the sweep (by name: ddpm, dpm++, ode-heun, sde-euler, ...; "
                              "dopri5 by ode-dopri5); the teacher's default setting always runs")
+    parser.add_argument("--student-samplers", nargs="+", default=None,
+                        help="the students' settings (default: --samplers); a sweep costs the teacher's evaluations "
+                             "for every setting, so a run may give the students the few-step ones only")
+    parser.add_argument("--student-evaluations", type=positive_int, nargs="+", default=None,
+                        help="the students' evaluation counts (default: --evaluations)")
     parser.add_argument("--target-evaluations", type=positive_int, default=25,
                         help="the students' budget in the headline")
     parser.add_argument("--fid-tolerance", type=float, default=0.10,
@@ -256,8 +261,8 @@ def side_by_side(sweep: Sweep, subjects: dict[str, Subject], rows: list[dict], c
 
 
 def pivot(rows: list[dict], evaluations: list[int]) -> str:
-    """FID (NFE) per model and sampler, a column per swept evaluation count; adaptive settings and the teacher's
-    default in their own column."""
+    """FID (images/s) per model and sampler, a column per swept evaluation count; adaptive settings and the
+    teacher's default in their own column, with their measured NFE."""
     lines = ["| model | sampler | " + " | ".join(f"~{n}" for n in evaluations) + " | adaptive / default |",
              "|---|---|" + "---|" * (len(evaluations) + 1)]
     order: list[tuple[str, str]] = []
@@ -270,9 +275,9 @@ def pivot(rows: list[dict], evaluations: list[int]) -> str:
         cells = []
         for n in evaluations:
             hit = [r for r in mine if r["planned_nfe"] == n]
-            cells.append(f"{hit[0]['fid']:.2f}" if hit else "")
+            cells.append(f"{hit[0]['fid']:.2f} ({hit[0]['images_per_s']:.0f})" if hit else "")
         other = [r for r in mine if r["planned_nfe"] is None]
-        cells.append(", ".join(f"{r['fid']:.2f} ({r['nfe']:.0f})" for r in other))
+        cells.append(", ".join(f"{r['fid']:.2f} ({r['images_per_s']:.0f}) at NFE {r['nfe']:.0f}" for r in other))
         lines.append(f"| {model} | {sampler} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,7 +317,9 @@ def main(args) -> dict:
         loaded, codec = load_for_sampling(path, vae=plan.vae, device=device)
         subjects[name] = Subject(name, path, loaded, codec, create_process(loaded.process))
     teacher = next(iter(subjects.values()))
-    points = {name: sweep_points(s, args.evaluations, args.samplers) for name, s in subjects.items()}
+    points = {name: sweep_points(s, args.evaluations, args.samplers) if s is teacher else
+              sweep_points(s, args.student_evaluations or args.evaluations, args.student_samplers or args.samplers)
+              for name, s in subjects.items()}
     default_point = teacher_default(teacher)
     extractor = load_extractor(plan.feature_extractor)
     sweep = Sweep(plan, extractor, device, args.batch_size, args.seed, args.precision)
@@ -348,7 +355,8 @@ def main(args) -> dict:
               "models": [{"name": s.name, "path": s.path, "depth": total_depth(s.model),
                           "params_m": parameter_count(s.model) / 1e6} for s in subjects.values()],
               "rows": rows, "headline": head, "side_by_side": timed}
-    report = "\n\n".join([format_table(rows, ROW_COLUMNS), pivot(rows, args.evaluations),
+    counts = sorted({*args.evaluations, *(args.student_evaluations or [])})
+    report = "\n\n".join([format_table(rows, ROW_COLUMNS), pivot(rows, counts),
                           "\n".join(summary_lines(result))])
     print("\n" + report)
     if stem:
