@@ -348,7 +348,10 @@ class DiT(nn.Module):
         Returns:
             (N, C_out, H, W).
         """
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        # The patch embedding's tokens come out transposed (stride 1 along the tokens); an element-wise op keeps that
+        # layout, so without the copy every block's LayerNorm and matmuls would read strided memory (measured on an
+        # AMX Xeon: the same values, bitwise, and 1.09x faster in bf16 with the copy).
+        x = (self.x_embedder(x) + self.pos_embed).contiguous()  # (N, T, D)
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
