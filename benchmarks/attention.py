@@ -45,6 +45,8 @@ import torch
 from benchmarks.harness import (
     BenchModel,
     _setup,
+    attention_flops,
+    attention_path_work,
     default_process_record,
     device_name,
     format_table,
@@ -60,20 +62,17 @@ from models.attention import (
     attention_spec,
     convert_attention,
     describe_attention,
-    flex_block_mask,
     halo,
     set_attention_path,
-    tile_layout,
 )
 from tinyfusion.args import Parser, positive_int
 from tinyfusion.cli import run_script
 from tinyfusion.errors import UserError
 from tinyfusion.fileio import atomic_write, atomic_write_json
 from tinyfusion.paths import check_outputs
-from tinyfusion.precision import PRECISIONS, autocast
+from tinyfusion.precision import DTYPES, PRECISIONS, autocast
 
 LOCAL_PATHS = ("tiled", "dense", "flex")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -118,28 +117,6 @@ def circle_keys(grid: tuple[int, int], radius: float) -> float:
     total = sum(max(grid[0] - abs(dy), 0) * max(grid[1] - abs(dx), 0)
                 for dy in range(-h, h + 1) for dx in range(-h, h + 1) if dy * dy + dx * dx < radius * radius)
     return total / (grid[0] * grid[1])
-
-
-def path_work(spec: dict, grid: tuple[int, int], path: str, device: torch.device) -> tuple[int, float]:
-    """(queries computed, keys per query) of an attention kind on a path: global and dense attend every
-    query to all T keys; tiled computes its tiles' queries (padding included) over each tile's window; flex
-    the query rows of its unmasked blocks."""
-    T = grid[0] * grid[1]
-    if spec["kind"] == "global" or path == "dense":
-        return T, float(T)
-    if path == "tiled":
-        tile, h, n_rows, n_cols = tile_layout(grid, spec["radius"])
-        return n_rows * n_cols * tile * tile, float((tile + 2 * h) ** 2)
-    block_mask = flex_block_mask(grid, spec["radius"], 1, device)
-    blocks = int(block_mask.kv_num_blocks.sum()) + int(block_mask.full_kv_num_blocks.sum()
-                                                       if block_mask.full_kv_num_blocks is not None else 0)
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    return T, blocks * q_block * kv_block / T
-
-
-def attention_flops(queries: int, keys: float, heads: int, head_dim: int, batch: int = 1) -> float:
-    """q k^T and the weighted sum of v: 2 * 2 * keys * head_dim per query and head (FLOPs, not multiply-adds)."""
-    return 4.0 * batch * heads * head_dim * queries * keys
 
 
 def model_attention_flops(model: torch.nn.Module, queries: int, keys: float, batch: int) -> float:
@@ -236,7 +213,7 @@ def bench_operation(shape: tuple[str, int, int], grid: int, precision: str, args
     timings = time_interleaved([lambda call=call: run(call) for call in calls], device, args.warmup, args.repeats)
     rows = []
     for (spec, path), (times, _) in zip(chosen, timings):
-        queries, keys = path_work(spec, g, path, device)
+        queries, keys = attention_path_work(spec, g, path, device)
         ideal_keys = float(T) if spec["kind"] == "global" else circle_keys(g, spec["radius"])
         rows.append({"heads": label, "num_heads": heads, "head_dim": head_dim, "grid": grid, "tokens": T,
                      "pixels": 16 * grid, "batch": args.batch_size, "precision": precision,
@@ -262,7 +239,7 @@ def model_flops(name: str, grid: int, chosen: list[tuple[dict, str]], batch: int
     for spec, path in chosen:
         convert_attention(model, spec)
         set_attention_path(model, forced(path))
-        flops.append(float(forward_flops(call)))
+        flops.append(float(forward_flops(call, model)))
     T = grid * grid
     rest = flops[0] - model_attention_flops(model, T, T, batch)
     return flops, rest

@@ -15,11 +15,16 @@ the FLOPs. The first model is the baseline of the speedup columns; "ideal" is it
 --compare-diffusers, diffusers' port of the official DiT (DiTTransformer2DModel) is timed too, holding the first
 model's weights as `python -m tinyfusion.diffusers_io export` writes them (a row "diffusers NAME"; the first model
 must be a DiT that diffusers can express).
+
+How close to the hardware: the run first measures the device's matmul peak (GFLOP/s of a --peak-size square GEMM
+in fp32, bf16, and fp16 on CUDA, the fastest of 3 calls); each row gives its GFLOP/s (FLOPs with attention, as its
+path computes it, over the median latency), their fraction of the peak of its precision, and the shares of its time
+in matmul and in attention ops (torch's profiler, self times, one more call), the largest other ops in the JSON.
 """
 
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
 from processes import all_samplers
-from tinyfusion.args import Parser, nonnegative_int
+from tinyfusion.args import Parser, nonnegative_int, positive_int
 from tinyfusion.cli import run_script
 from tinyfusion.precision import PRECISIONS
 
@@ -40,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--compare-diffusers", action="store_true",
                         help="also time diffusers' DiTTransformer2DModel holding the first model's exported weights")
+    parser.add_argument("--peak-size", type=positive_int, default=None,
+                        help="side of the square GEMM that measures the matmul peak (default: 8192 on CUDA, 2048 on "
+                             "CPU)")
     add_benchmark_args(parser)
     return parser.parse_args(argv)
 

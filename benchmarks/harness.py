@@ -2,7 +2,10 @@
 
 Timings synchronise CUDA around every measured call, discard warm-up calls (autotuning, lazy
 initialisation, torch.compile) and report the median. Ideal speedups come from FLOPs counted by
-torch's FlopCounterMode on one call of a single image (FLOPs grow linearly with the batch).
+torch's FlopCounterMode on one call of a single image (FLOPs grow linearly with the batch), attention
+included (`forward_flops`). How close a forward runs to the hardware is its FLOPs per second over the
+device's measured matmul peak in its precision (`matmul_peak`), and where its time goes is read from
+torch's profiler (`profile_shares`: matmul and attention kernels against the rest).
 
 A model's forward is what training and the samplers call: a denoiser's model(x_t, t, y); a masked-token
 model's (MAR) call through its process (the encoder on the visible tokens, the decoder, the diffusion
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
+import math
 import os
 import platform
 import resource
@@ -27,6 +33,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import (
@@ -39,6 +48,7 @@ from models import (
     total_depth,
     unwrap,
 )
+from models.attention import attention_modules, flex_block_mask, pooled_grid, resolve_path, tile_layout
 from processes import NoiseProcess, create_process
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
@@ -49,7 +59,7 @@ from tinyfusion.fileio import atomic_write_json
 from tinyfusion.kd import MaskedKDTask
 from tinyfusion.lora import add_lora, trainable_fraction
 from tinyfusion.paths import check_outputs
-from tinyfusion.precision import autocast
+from tinyfusion.precision import DTYPES, autocast
 from tinyfusion.pruning import LearnedPruningTask
 from tinyfusion.pruning.width import units_removed
 from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
@@ -101,28 +111,114 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, 
 
 
 @contextlib.contextmanager
-def peak_memory(device: torch.device):
+def peak_memory(device: torch.device, reset: bool = False):
     """Yields a dict that holds, on exit, "peak_mib": CUDA's peak allocation during the block, or on
-    CPU the process's resident-set high-water mark (which only grows: the largest so far)."""
+    CPU the process's resident-set high-water mark, and "memory", which of them it is.
+
+    On CPU the mark only grows (the largest so far) unless `reset`: then, on Linux, it is first brought
+    down to what the process holds now (`_reset_rss_peak`), so the peak is the block's own plus what was
+    already resident (the libraries, the models alive), not an earlier block's. Where that is refused the
+    mark stays cumulative, and "memory" says so. With `reset`, "start_mib" is what was allocated (CUDA) or
+    resident (CPU) when the block began: the block's own memory is the difference.
+    """
     out: dict = {}
+    if reset:
+        gc.collect()  # what an earlier block left in reference cycles is not this block's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        if reset:
+            out["start_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    own = device.type != "cuda" and reset and _reset_rss_peak()
+    if own:
+        out["start_mib"] = _rss_peak_kib() / 1024  # just reset: the resident set now
     try:
         yield out
     finally:
         if device.type == "cuda":
             out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             out["memory"] = "cuda peak allocated"
+        elif own:
+            out["peak_mib"] = _rss_peak_kib() / 1024
+            out["memory"] = "process peak RSS, reset at the start"
         else:
             out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             out["memory"] = "process peak RSS"
 
 
-def forward_flops(call: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) of one call, counted by running it."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        call()
-    return int(counter.get_total_flops())
+def _reset_rss_peak() -> bool:
+    """Linux: the process's peak RSS (VmHWM) set to its RSS now. Memory freed before is handed back to the
+    system first (glibc's malloc_trim): the allocator keeps freed pages resident, and they would be counted
+    in the next peak. False where /proc/self/clear_refs is refused (another system, a locked-down container)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim, the reset still helps
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # proc(5): "5" resets the peak RSS to the current RSS (Linux 4.0+)
+    except OSError:
+        return False
+    return _rss_peak_kib() > 0
+
+
+def _rss_peak_kib() -> int:
+    """VmHWM of /proc/self/status, the mark clear_refs resets (getrusage's ru_maxrss also keeps the peaks of
+    exited threads, which the reset does not clear); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def matmul_peak(device: torch.device, precisions: Sequence[str], size: int, warmup: int, repeats: int) -> dict:
+    """The device's measured matmul throughput in each precision: GFLOP/s (2 FLOPs per multiply-add) of a
+    `size` x `size` by `size` x `size` product in the precision's dtype (bf16, fp16: both operands in it, the
+    GEMMs autocast runs), the fastest of `repeats` calls after `warmup` (a peak: whatever else runs on the
+    machine only slows a call). A square GEMM of a few thousand is compute bound on CPUs and GPUs alike.
+
+    The product is nn.Linear's, x W^T with W stored (out, in), because that layout picks the kernel: on a CPU
+    without bf16 vector units, torch.mm of two row-major bf16 matrices falls back to a loop 5-7x slower than the
+    oneDNN kernel the models' linears reach (measured, AVX2). CUDA fp32 runs as the models' fp32 does: TF32 at
+    torch's defaults (off for matmuls)."""
+    g = torch.Generator().manual_seed(0)
+    peaks = {}
+    for precision in precisions:
+        x, w = (torch.randn(size, size, generator=g).to(device, DTYPES[precision]) for _ in range(2))
+        seconds = min(time_call(lambda x=x, w=w: F.linear(x, w), device, warmup, repeats))
+        peaks[precision] = 2 * size**3 / seconds / 1e9
+    return peaks
+
+
+def peak_precisions(device: torch.device, asked: Sequence[str]) -> list[str]:
+    """The precisions whose matmul peak is measured: fp32 and bf16 (where the device runs bf16), fp16 on CUDA,
+    and any other precision the rows run in."""
+    measured = ["fp32"]
+    if device.type != "cuda" or torch.cuda.is_bf16_supported():
+        measured.append("bf16")
+    if device.type == "cuda":
+        measured.append("fp16")
+    return measured + [p for p in asked if p not in measured]
+
+
+def peak_text(peak: dict[str, float], size: int, repeats: int) -> str:
+    """The line that reports the peak: "matmul peak (2048^3 GEMM, fastest of 3 calls): fp32 95.1, bf16 12.3
+    GFLOP/s"."""
+    values = ", ".join(f"{precision} {gflops:.4g}" for precision, gflops in peak.items())
+    return f"matmul peak ({size}^3 GEMM, fastest of {repeats} calls): {values} GFLOP/s"
+
+
+# Timed GEMMs of the peak, at most (fewer with --repeats): its fastest call is the peak, and on a CPU without bf16
+# vector units one bf16 call of 2048 takes seconds.
+PEAK_CALLS = 3
+
+
+def default_peak_size(device: torch.device) -> int:
+    """8192 on GPUs (smaller products leave an H100's tensor cores idle part of the time); 2048 on CPUs, where
+    its 17 GFLOP per call are compute bound on any core count and take seconds, not minutes, where bf16 has no
+    vector units (an emulated bf16 GEMM runs at a fraction of fp32's speed)."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 def cpu_name() -> str:
@@ -150,6 +246,149 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_name()
+
+
+#################################################################################
+#                                     FLOPs                                     #
+#################################################################################
+
+def attention_flops(queries: int, keys: float, heads: int, head_dim: int, batch: int = 1) -> float:
+    """q k^T and the weighted sum of v: 2 * 2 * keys * head_dim per query and head (FLOPs, not multiply-adds)."""
+    return 4.0 * batch * heads * head_dim * queries * keys
+
+
+def attention_path_work(spec: dict, grid: tuple[int, int], path: str, device: torch.device) -> tuple[int, float]:
+    """(queries computed, keys per query) of an attention kind on a path (models/attention.py): global and dense
+    attend every query to all T keys; tiled computes its tiles' queries (padding included) over each tile's window;
+    flex the query rows of its unmasked 128 x 128 blocks. Local attention's pooled keys (pool > 1) are read by
+    every query on every path."""
+    T = grid[0] * grid[1]
+    if spec["kind"] == "global":
+        return T, float(T)
+    pooled = math.prod(pooled_grid(grid, spec["pool"])) if spec["pool"] > 1 else 0
+    if path == "dense":
+        return T, float(T + pooled)
+    if path == "tiled":
+        tile, h, n_rows, n_cols = tile_layout(grid, spec["radius"])
+        return n_rows * n_cols * tile * tile, float((tile + 2 * h) ** 2 + pooled)
+    # the block mask is the same data on every device; the meta device holds no values to count
+    block_mask = flex_block_mask(grid, spec["radius"], spec["pool"],
+                                 torch.device("cpu") if torch.device(device).type == "meta" else device)
+    blocks = int(block_mask.kv_num_blocks.sum()) + int(block_mask.full_kv_num_blocks.sum()
+                                                       if block_mask.full_kv_num_blocks is not None else 0)
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    return T, blocks * q_block * kv_block / T
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Every (query, key) pair of q k^T and of the weighting of v, as torch counts its CUDA attention kernels."""
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = value_shape[-2:]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+# torch's counter has formulas for SDPA's CUDA kernels (and on the meta device counts the bmm calls of its math
+# path), but none for its CPU kernel: without this, attention would count 0 FLOPs on CPU.
+_ATTENTION_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def forward_flops(call: Callable[[], object], model: nn.Module | None = None) -> int:
+    """FLOPs (2 per multiply-add) of one call, counted by running it, attention included on every device: what
+    each attention's path computes (`attention_path_work`), as the matmuls count what they compute.
+
+    FlexAttention does not run under torch's counter (it raises inside it), so while counting, the attentions of
+    `model` on that path (the CUDA default for local attention) run the dense path, and each call's dense count
+    is replaced by the count of its unmasked blocks. Without `model`, a call through FlexAttention fails.
+    """
+    flex = [m for m in (attention_modules(model) if model is not None else [])
+            if resolve_path(m.kind, _device_of(m), m.path, m.grid) == "flex"]
+    calls: list[tuple[nn.Module, int]] = []  # (attention, batch) of each call on the flex path
+
+    def record(module, args):
+        calls.append((module, args[0].shape[0]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in flex]  # removed below: they live for this count only
+    paths = [m.path for m in flex]
+    try:
+        for m in flex:
+            m.path = "dense"
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS) as counter:
+            call()
+    finally:
+        for m, path, hook in zip(flex, paths, hooks):
+            m.path = path
+            hook.remove()
+    flops = float(counter.get_total_flops())
+    for m, batch in calls:
+        device = _device_of(m)
+        queries, keys = attention_path_work(m.kind, m.grid, "flex", device)
+        dense_queries, dense_keys = attention_path_work(m.kind, m.grid, "dense", device)
+        flops += (attention_flops(queries, keys, m.num_heads, m.head_dim, batch)
+                  - attention_flops(dense_queries, dense_keys, m.num_heads, m.head_dim, batch))
+    return round(flops)
+
+
+#################################################################################
+#                                    Profile                                    #
+#################################################################################
+
+# The profiler's op names counted as matmul. Times are self times (an op's time less its children's):
+# aten::linear and aten::matmul run aten::addmm, aten::mm or aten::bmm as child ops, so inclusive times would
+# count a product twice; the wrappers' own time (dispatch, reshapes) counts with the products.
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+                        "aten::_addmm_activation", "aten::mkldnn_linear", "aten::_scaled_mm", "aten::matmul",
+                        "aten::linear", "aten::einsum"})
+# Attention: every op whose name holds this: SDPA and the kernels it dispatches to
+# (aten::scaled_dot_product_attention, aten::_scaled_dot_product_flash_attention_for_cpu, the CUDA
+# aten::_scaled_dot_product_{flash,efficient,cudnn}_attention and aten::_{flash,efficient}_attention_forward),
+# and FlexAttention's flex_attention. SDPA's math fallback runs its products and softmax as ops of their own,
+# which count as matmul and other.
+ATTENTION_OP = "attention"
+
+
+def op_class(name: str) -> str:
+    """"matmul", "attention" or "other" (see MATMUL_OPS and ATTENTION_OP)."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    return "attention" if ATTENTION_OP in name else "other"
+
+
+def profile_shares(fn: Callable[[], object], device: torch.device, top: int = 8) -> dict:
+    """Where one call of fn spends the device's time, from torch's profiler: the shares of the matmul ops, the
+    attention ops, both together, and the rest ("other"), and the `top` other ops by share.
+
+    The time is each op's self time on the device: on CPU its self CPU time (intra-op threads included, as they
+    run inside the op's call); on CUDA the kernels it launched itself, and kernels launched outside any op count
+    as "(no op)". matmul + attention + other = 1.
+    """
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CPU:  # on CUDA, kernels are counted through the op that launched them
+            times[event.name] = times.get(event.name, 0.0) + (
+                event.self_device_time_total if cuda else event.self_cpu_time_total)
+    if cuda:
+        kernels = sum(e.self_device_time_total for e in prof.events()  # kernels, copies (not the annotations' spans)
+                      if e.device_type != DeviceType.CPU and not e.is_user_annotation)
+        times["(no op)"] = max(kernels - sum(times.values()), 0.0)
+    total = sum(times.values()) or 1.0
+    shares = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, t in times.items():
+        shares[op_class(name)] += t / total
+    others = sorted(((name, t / total) for name, t in times.items() if op_class(name) == "other" and t > 0),
+                    key=lambda item: -item[1])
+    return {"matmul_share": shares["matmul"], "attention_share": shares["attention"],
+            "matmul_attention_share": shares["matmul"] + shares["attention"], "other_share": shares["other"],
+            "profile": {"timer": "self CUDA time" if cuda else "self CPU time", "profiled_ms": total / 1e3,
+                        "top_other": [{"op": name, "share": share} for name, share in others[:top]]}}
 
 
 #################################################################################
@@ -227,12 +466,16 @@ def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Cal
 
 def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], precisions: Sequence[str],
                   compile_modes: Sequence[bool], device: torch.device, warmup: int, repeats: int,
-                  log: logging.Logger) -> list[dict]:
+                  log: logging.Logger, peak: dict[str, float] | None = None) -> list[dict]:
     """Forward latency and throughput of every (model, batch size, precision, compile) combination.
 
     The first model is the baseline of the speedup columns (measured, and ideal from FLOPs). The
-    models of one setting are timed in turns (`time_interleaved`), so their ratios are fair.
+    models of one setting are timed in turns (`time_interleaved`), so their ratios are fair. Each row
+    has its FLOPs per second, their fraction of `peak` (`matmul_peak`: GFLOP/s per precision) in the
+    row's precision where given, and the shares of its time (`profile_shares`) from one more call under
+    the profiler.
     """
+    per_image = [forward_flops(forward_call(bm, 1, device), bm.model) for bm in models]
     rows = []
     for compiled in compile_modes:
         for precision in precisions:
@@ -249,17 +492,20 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                     calls.append(forward)
                 timings = time_interleaved(calls, device, warmup, repeats)
                 baseline = None
-                for bm, (times, memory) in zip(models, timings):
-                    flops = forward_flops(forward_call(bm, 1, device)) * batch_size
+                for bm, flops, forward, (times, memory) in zip(models, per_image, calls, timings):
                     latency = statistics.median(times)
+                    gflops = flops * batch_size / 1e9
                     row = {"model": bm.name, "depth": total_depth(bm.model),
                            "params_m": parameter_count(bm.model) / 1e6,
                            "batch": batch_size, "precision": precision, "compile": compiled,
-                           "gflops": flops / 1e9, "latency_ms": latency * 1e3, "images_per_s": batch_size / latency,
-                           "peak_mib": memory["peak_mib"], "memory": memory["memory"]}
+                           "gflops": gflops, "latency_ms": latency * 1e3, "images_per_s": batch_size / latency,
+                           "peak_mib": memory["peak_mib"], "memory": memory["memory"],
+                           "gflops_per_s": gflops / latency,
+                           "peak_fraction": gflops / latency / peak[precision] if peak and precision in peak else None}
                     baseline = baseline or row
                     row["speedup"] = baseline["latency_ms"] / row["latency_ms"]
                     row["ideal_speedup"] = baseline["gflops"] / row["gflops"]
+                    row.update(profile_shares(forward, device))
                     rows.append(row)
                     log.info(format_table([row], FORWARD_COLUMNS, header=False))
     return rows
@@ -327,7 +573,7 @@ def _random_features(root: Path, model: nn.Module, count: int) -> FeatureDataset
 
 
 def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv, warmup: int, repeats: int,
-                   lora_rank: int, log: logging.Logger) -> dict:
+                   lora_rank: int, log: logging.Logger, checkpointing: Sequence[bool] = (False,)) -> dict:
     """Step cost of the three training scripts' tasks on one model and batch.
 
     - train: plain diffusion training of the model;
@@ -336,7 +582,14 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     - prune (LoRA and full): learned pruning with 1:2 gates over the model, and its cost relative to
       plain training of the same model and batch; the trainable fraction with LoRA.
     Each task builds its own models and frees them before the next (DiT-XL/2 with its optimizer and
-    EMA alone is ~14 GB in fp32).
+    EMA alone is ~14 GB in fp32). The tasks run once per entry of `checkpointing`: without, then with
+    activation checkpointing of the trained model's blocks (its family's `gradient_checkpointing`, what
+    --grad-checkpointing sets), the row's "grad_checkpointing"; "vs_train" compares a pruning step with the
+    train step of the same setting. Each row's "peak_mib" is its own task's peak (`peak_memory` with
+    `reset`), and "step_mib" that peak less what was held when the task's steps began (its models
+    built): the memory of the steps themselves (activations, gradients, optimizer state), which
+    checkpointing lowers. On CPU the resident set left by earlier tasks drifts, so "step_mib" is the
+    figure to compare.
     """
     process = create_process(bm.process)
     results: dict = {"model": bm.name, "batch": batch_size, "precision": precision, "device": env.device.type}
@@ -345,14 +598,19 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
         dataset = _random_features(Path(tmp) / "features", bm.model, batch_size)
         x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in range(batch_size))))
         bench = _TrainingBench(bm, dataset, process, x, y, precision, env, warmup, repeats, Path(tmp), log)
-        rows = [bench.train(), bench.kd()]
-        for mode in ("lora", "full"):
-            row, fraction = bench.prune(mode, lora_rank)
-            row["vs_train"] = row["seconds_per_step"] / rows[0]["seconds_per_step"]
-            rows.append(row)
-            if fraction is not None:
-                results["lora_rank"], results["lora_trainable_fraction"] = lora_rank, fraction
+        rows = []
+        for checkpointed in checkpointing:
+            bench.checkpointing = checkpointed
+            train = bench.train()
+            rows += [train, bench.kd()]
+            for mode in ("lora", "full"):
+                row, fraction = bench.prune(mode, lora_rank)
+                row["vs_train"] = row["seconds_per_step"] / train["seconds_per_step"]
+                rows.append(row)
+                if fraction is not None:
+                    results["lora_rank"], results["lora_trainable_fraction"] = lora_rank, fraction
     results["rows"] = rows
+    results["memory"] = rows[0]["memory"]
     return results
 
 
@@ -363,10 +621,16 @@ class _TrainingBench:
         self.bm, self.dataset, self.process, self.x, self.y = bm, dataset, process, x, y
         self.precision, self.env, self.warmup, self.repeats, self.tmp, self.log = (
             precision, env, warmup, repeats, tmp, log)
+        self.checkpointing = False
 
     def fresh(self) -> nn.Module:
         torch.manual_seed(0)
-        return build_architecture(self.bm.arch, self.bm.config).to(self.env.device)
+        return self.checkpointed(build_architecture(self.bm.arch, self.bm.config).to(self.env.device))
+
+    def checkpointed(self, model: nn.Module) -> nn.Module:
+        """The model trained under the current setting (tinyfusion.training.set_grad_checkpointing's switch)."""
+        unwrap(model).gradient_checkpointing = self.checkpointing
+        return model
 
     def time_steps(self, name: str, model: nn.Module, params: list, task) -> dict:
         config = TrainConfig(run_dir=self.tmp / name, global_batch_size=len(self.x), total_steps=10**9, lr=1e-4,
@@ -375,11 +639,14 @@ class _TrainingBench:
                           dataset=self.dataset, config=config, process=self.process, settings={}, logger=self.log,
                           record=dict)
         model.train()
-        with peak_memory(self.env.device) as memory:
+        with peak_memory(self.env.device, reset=True) as memory:
             seconds = statistics.median(time_call(lambda: trainer.train_step(self.x, self.y), self.env.device,
                                                   self.warmup, self.repeats))
-        row = {"task": name, "seconds_per_step": seconds, "steps_per_s": 1 / seconds,
-               "images_per_s": len(self.x) / seconds, "peak_mib": memory["peak_mib"]}
+        row = {"task": name, "grad_checkpointing": self.checkpointing, "seconds_per_step": seconds,
+               "steps_per_s": 1 / seconds, "images_per_s": len(self.x) / seconds, "peak_mib": memory["peak_mib"],
+               "memory": memory["memory"]}
+        if "start_mib" in memory:  # the step's own: activations, gradients, optimizer state (the models were built)
+            row["step_mib"] = memory["peak_mib"] - memory["start_mib"]
         self.log.info(format_table([row], TRAINING_COLUMNS, header=False))
         return row
 
@@ -390,7 +657,7 @@ class _TrainingBench:
     def kd(self) -> dict:
         teacher = self.fresh().eval().requires_grad_(False)
         kept = list(range(total_depth(teacher) // 2))
-        student = prune_depth(teacher, kept).train().requires_grad_(True)
+        student = self.checkpointed(prune_depth(teacher, kept).train().requires_grad_(True))
         task = MaskedKDTask(self.process, teacher, student, dict(enumerate(kept)), 0.9, 1e-2, 2.0)
         row = self.time_steps("kd", student, list(student.parameters()), task)
         g = torch.Generator(self.env.device).manual_seed(0)
@@ -426,12 +693,13 @@ class _TrainingBench:
 FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("batch", "{}"),
                    ("precision", "{}"), ("compile", "{}"), ("gflops", "{:.3g}"), ("latency_ms", "{:.3g}"),
                    ("images_per_s", "{:.2f}"), ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"),
-                   ("peak_mib", "{:.0f}")]
+                   ("peak_mib", "{:.0f}"), ("gflops_per_s", "{:.4g}"), ("peak_fraction", "{:.0%}"),
+                   ("matmul_share", "{:.0%}"), ("attention_share", "{:.0%}"), ("matmul_attention_share", "{:.0%}")]
 SAMPLING_COLUMNS = [("model", "{}"), ("batch", "{}"), ("sampler", "{}"), ("steps", "{}"), ("cfg", "{:g}"),
                     ("precision", "{}"), ("seconds", "{:.2f}"), ("images_per_s", "{:.2f}")]
-TRAINING_COLUMNS = [("task", "{}"), ("seconds_per_step", "{:.4f}"), ("steps_per_s", "{:.2f}"),
-                    ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"), ("teacher_share", "{:.0%}"),
-                    ("vs_train", "{:.2f}x")]
+TRAINING_COLUMNS = [("task", "{}"), ("grad_checkpointing", "{}"), ("seconds_per_step", "{:.4f}"),
+                    ("steps_per_s", "{:.2f}"), ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
+                    ("step_mib", "{:.0f}"), ("teacher_share", "{:.0%}"), ("vs_train", "{:.2f}x")]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], header: bool = True) -> str:
@@ -496,16 +764,22 @@ def run_forward_benchmark(args) -> dict:
         models.append(_diffusers_dit(models[0], env.device))
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     log.info(f"forward on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    size = args.peak_size or default_peak_size(env.device)
+    calls = min(args.repeats, PEAK_CALLS)
+    peak = matmul_peak(env.device, peak_precisions(env.device, args.precisions), size, args.warmup, calls)
+    peak_line = peak_text(peak, size, calls)
+    log.info(peak_line)
     log.info(format_table([], FORWARD_COLUMNS))
-    results = {"device": str(env.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    results = {"device": str(env.device), "device_name": device_name(env.device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "matmul_peak": {"size": size, "gflops_per_s": peak},
                "forward": bench_forward(models, args.batch_sizes, args.precisions, compile_modes, env.device,
-                                        args.warmup, args.repeats, log)}
+                                        args.warmup, args.repeats, log, peak)}
     if args.num_sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
         results["sampling"] = bench_sampling(sampled, args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale,
                                              args.sampler, args.precisions[0], env.device, args.repeats, log,
                                              options={"num_iter": args.num_iter})
-    print("\n" + format_table(results["forward"], FORWARD_COLUMNS))
+    print("\n" + peak_line + "\n\n" + format_table(results["forward"], FORWARD_COLUMNS))
     if "sampling" in results:
         print("\n" + format_table(results["sampling"], SAMPLING_COLUMNS))
     if args.out:
@@ -520,9 +794,12 @@ def run_training_benchmark(args) -> dict:
     bm = bench_model(args.model, args.image_size // 8, env.device)
     log.info(f"training steps on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     log.info(format_table([], TRAINING_COLUMNS))
-    results = bench_training(bm, args.batch_size, args.precision, env, args.warmup, args.repeats, args.lora_rank, log)
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
+    results = bench_training(bm, args.batch_size, args.precision, env, args.warmup, args.repeats, args.lora_rank, log,
+                             checkpointing)
     results.update(threads=torch.get_num_threads(), torch=torch.__version__)
-    print("\n" + format_table(results["rows"], TRAINING_COLUMNS))
+    print("\n" + format_table(results["rows"], TRAINING_COLUMNS) + f"\n\npeak_mib: {results['memory']}; step_mib: "
+          "the peak less what was held when the task's steps began (its models built)")
     print(f"\nLoRA rank {results['lora_rank']}: {results['lora_trainable_fraction']:.2%} of the parameters trainable")
     if args.out:
         atomic_write_json(args.out, results)

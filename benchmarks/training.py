@@ -2,11 +2,15 @@ r"""Training-step cost of train.py, train_masked_kd.py and prune_by_learning.py 
 
 Usage (from the repository root):
     python -m benchmarks.training --model DiT-XL/2 --batch-size 32 --precision bf16 --out results/bench_train.json
+    python -m benchmarks.training --model DiT-XL/2 --batch-size 2 --grad-checkpointing both --device cpu
 
 Reports steps/s, images/s and peak memory of each task's step through the shared training loop;
 for Masked KD the teacher forward's share of the step (student: the first half of the blocks),
 for learned pruning (1:2 gates, LoRA or full weight updates) its cost relative to a plain training
-step of the same model and batch, and the trainable fraction with LoRA.
+step of the same model and batch, and the trainable fraction with LoRA. Each task's peak memory is its own
+(CUDA: the peak allocation; CPU: the process's peak RSS, reset at the task's start on Linux), and "step_mib",
+that peak less what was held when the task's steps began, is the steps' own memory: with --grad-checkpointing
+both, every task runs without, then with activation checkpointing, and the two compare.
 """
 
 from benchmarks.harness import add_benchmark_args, run_training_benchmark
@@ -21,6 +25,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--grad-checkpointing", choices=["off", "on", "both"], default="off",
+                        help="activation checkpointing of the trained model's blocks (the scripts' "
+                             "--grad-checkpointing); both: every task without, then with it")
     add_benchmark_args(parser)
     return parser.parse_args(argv)
 

@@ -299,13 +299,16 @@ def test_what_diffusers_cannot_express_is_one_line(tmp_path, case):
 def test_the_forward_benchmark_compares_diffusers_on_the_exported_weights(tmp_path):
     out = tmp_path / "forward.json"
     proc = run_cli(["-m", "benchmarks.forward", "--models", "DiT-Nano/2", "--image-size", "64", "--batch-sizes", "1",
-                    "--precisions", "fp32", "--compare-diffusers", "--device", "cpu", "--warmup", "0", "--repeats",
-                    "1", "--out", str(out)])
+                    "--precisions", "fp32", "--compare-diffusers", "--peak-size", "64", "--device", "cpu", "--warmup",
+                    "0", "--repeats", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["forward"]
     assert [r["model"] for r in rows] == ["DiT-Nano/2", "diffusers DiT-Nano/2"]
     for row in rows:
         assert row["depth"] == 8 and all(math.isfinite(row[k]) and row[k] > 0 for k in
                                          ("latency_ms", "images_per_s", "gflops", "params_m", "speedup"))
+    # one network, attention counted in both; diffusers runs the timestep MLP (256 -> 64 -> 64) again in each of the 8
+    # blocks' AdaLayerNormZero and in its final norm, where the toolkit runs it once
+    assert (rows[1]["gflops"] - rows[0]["gflops"]) * 1e9 == pytest.approx(8 * (2 * 256 * 64 + 2 * 64 * 64), abs=1)
     assert "| diffusers DiT-Nano/2 | 8 |" in proc.stdout
 
 

@@ -227,7 +227,8 @@ def test_forward_benchmark_smallest(tmp_path):
     out = tmp_path / "forward.json"
     proc = run_cli(["-m", "benchmarks.forward", "--models", "DiT-Nano/2", str(tmp_path / "pruned.pt"),
                     "--image-size", "16", "--batch-sizes", "2", "--precisions", "fp32", "bf16", "--warmup", "0",
-                    "--repeats", "1", "--num-sampling-steps", "2", "--device", "cpu", "--out", str(out)])
+                    "--repeats", "1", "--num-sampling-steps", "2", "--peak-size", "64", "--device", "cpu", "--out",
+                    str(out)])
     result = json.loads(out.read_text())
     assert len(result["forward"]) == 4 and len(result["sampling"]) == 2
     baseline, pruned = result["forward"][:2]

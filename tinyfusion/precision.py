@@ -9,7 +9,8 @@ import torch
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype each precision computes in: autocast's for bf16 and fp16 (the weights stay fp32).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_precision(device: torch.device) -> str:
@@ -37,7 +38,7 @@ def autocast(precision: str, device: torch.device):
     """The autocast context of a precision (a no-op for fp32). Weights stay fp32 (mixed precision)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
