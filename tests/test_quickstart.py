@@ -136,21 +136,6 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
                                                         "sample-local-r2", "sample-local-r2+clear"}
     assert json.loads((out / "quickstart.json").read_text())["clear"] == {"clear_samples": FAST.clear_samples}
 
-    # benchmarks.nfe on the folder: its teacher and the students named, its reference half, classifier, guidance and
-    # sample count; the teacher's row of the quickstart's own sampler (DDIM, FAST.sampling_steps) is its FID
-    nfe = tmp_path / "nfe"
-    proc = run_cli(["-m", "benchmarks.nfe", "--quickstart", str(out), "--students", "learned-1-2+kd",
-                    "local-r2+clear", "--evaluations", str(FAST.sampling_steps), "--target-evaluations",
-                    str(FAST.sampling_steps), "--samplers", "ddim", "--repeats",
-                    "1", "--device", "cpu", "--out", str(nfe)])
-    bench = json.loads(nfe.with_suffix(".json").read_text())
-    assert [(r["model"], r["sampler"]) for r in bench["rows"]] == [
-        ("teacher", "ddim"), ("teacher", "ddpm (default)"), ("learned-1-2+kd", "ddim"), ("local-r2+clear", "ddim")]
-    assert (bench["num_samples"], bench["cfg_scale"], bench["feature_space"]) == (FAST.num_samples, FAST.cfg_scale,
-                                                                                  "digits-classifier")
-    assert bench["rows"][0]["fid"] == pytest.approx(rows["teacher"]["fid_after"], rel=1e-6)
-    assert bench["rows"][2]["fid"] == pytest.approx(rows["learned-1-2 + masked KD"]["fid_after"], rel=1e-6)
-    assert f"best student at {FAST.sampling_steps} evaluations" in proc.stdout
 
 
 def test_clear_radius_follows_the_token_grid():
