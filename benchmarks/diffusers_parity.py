@@ -36,7 +36,7 @@ from models import unwrap
 from processes import create_process
 from tinyfusion.args import Parser, positive_int
 from tinyfusion.cli import run_script
-from tinyfusion.diffusers_io import PixelDecoder, export_pipeline
+from tinyfusion.diffusers_io import PixelDecoder, dit_frequencies, export_pipeline
 from tinyfusion.evaluation import evaluate, load_extractor
 from tinyfusion.fileio import atomic_write_json
 from tinyfusion.paths import check_outputs
@@ -65,12 +65,6 @@ def parse_args(argv=None):
                         help="the toolkit's ddim-hf also with this many other seeds: how far FID moves with the noise")
     parser.add_argument("--out", default=None, help="write OUT.json")
     return parser.parse_args(argv)
-
-
-def dit_frequencies(transformer, shift: float) -> None:
-    """Sets the frequency spacing of diffusers' timestep embedding in every block (0: DiT's, 1: diffusers')."""
-    for block in transformer.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = shift
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from helpers.tolerance import KERNEL_REL, LOOP_REL, assert_fp32_close
 
 from models import prune_width
 from tinyfusion.checkpoint import load_model, save_model
+from tinyfusion.diffusers_io import dit_frequencies
 from tinyfusion.errors import UserError
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -41,12 +42,6 @@ PIPELINE_REL_BOUND = 1e-3
 TRAINED_FORWARD_BOUND = 0.25
 TRAINED_PIXEL_BOUND = 10.0
 TRAINED_FID_BOUND = 0.35
-
-
-def dit_frequencies(transformer) -> None:
-    """Sets diffusers' timestep embedding to DiT's frequency spacing (downscale_freq_shift 0) in every block."""
-    for block in transformer.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
 
 
 def inputs(model, n: int = 16, seed: int = 1):

@@ -552,6 +552,13 @@ def run_import(args: DiffusersImportOptions) -> ImportedModel:
 #                          diffusers' DiT behind our call                       #
 #################################################################################
 
+def dit_frequencies(transformer, shift: float = 0.0) -> None:
+    """Sets the frequency spacing of diffusers' timestep embedding in every block of a DiTTransformer2DModel:
+    0 is DiT's (10^4^(-i/128)), with which an export computes this toolkit's outputs; 1 is diffusers' default."""
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = shift
+
+
 class PixelDecoder(nn.Module):
     """The "VAE" of a pixel-space export: DiTPipeline divides its latents by `config.scaling_factor` and returns
     `decode(latents).sample` mapped from [-1, 1]; here the latents are the images.
