@@ -34,6 +34,10 @@ def parse_args(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny budgets: checks every stage in about 2 minutes")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes of the distributed scripts (torchrun); default 2, and 1 with --fast")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: every stage on the GPU (bf16: autocast in training, the weights held in bf16 in "
+                             "sampling; the distributed scripts under torchrun with NCCL, one process unless --nproc); "
+                             "`--fast --device cuda` checks the CUDA paths in one command")
     parser.add_argument("--data-path", type=str, default=None,
                         help="an image folder (one subfolder per class) instead of the digits")
     parser.add_argument("--image-size", type=int, default=8, help="images are center-cropped to this size")

@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser = Parser(__doc__)
     add_model_args(parser, ckpt_required=True)
     add_sampling_args(parser, cfg_default=4.0)
-    add_runtime_args(parser, seed_flag="--seed")
+    add_runtime_args(parser, seed_flag="--seed", sampling=True)
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="classes to draw, one image each (None: see above)")
     parser.add_argument("--out", type=str, default=None,

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     add_model_args(parser, ckpt_required=True)
     add_sampling_args(parser, cfg_default=1.5)
     # fp32 (with TF32 on GPUs) by default, as the official DiT FID numbers were sampled.
-    add_runtime_args(parser, precision_default="fp32")
+    add_runtime_args(parser, precision_default="fp32", sampling=True)
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     parser.add_argument("--sample-dir", type=str, default="outputs/samples",

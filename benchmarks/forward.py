@@ -20,6 +20,8 @@ How close to the hardware: the run first measures the device's matmul peak (GFLO
 in fp32, bf16, and fp16 on CUDA, the fastest of 3 calls); each row gives its GFLOP/s (FLOPs with attention, as its
 path computes it, over the median latency), their fraction of the peak of its precision, and the shares of its time
 in matmul and in attention ops (torch's profiler, self times, one more call), the largest other ops in the JSON.
+A bf16 or fp16 row runs on the inference path the sampling scripts take (column path: held) and under autocast
+(path: autocast), unless --paths picks one.
 """
 
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
@@ -35,6 +37,10 @@ def parse_args(argv=None):
                         help="registry names, NAME@width=R (width-pruned, see above) or checkpoint files")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--precisions", choices=PRECISIONS, nargs="+", default=["fp32"])
+    parser.add_argument("--paths", choices=["held", "autocast"], nargs="+", default=["held", "autocast"],
+                        help="how bf16 and fp16 rows run: held, the sampling scripts' inference path (the blocks' "
+                             "weights held once in the precision, fp32 embeddings, adaLN and final layer); autocast, "
+                             "fp32 weights cast on every call (training's mixed precision)")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
     parser.add_argument("--num-sampling-steps", type=nonnegative_int, default=0,
                         help="also time the whole sampling loop with this many steps of the sampler (0: skip)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -59,7 +60,7 @@ from tinyfusion.fileio import atomic_write_json
 from tinyfusion.kd import MaskedKDTask
 from tinyfusion.lora import add_lora, trainable_fraction
 from tinyfusion.paths import check_outputs
-from tinyfusion.precision import DTYPES, autocast
+from tinyfusion.precision import DTYPES, autocast, for_inference, inference_context
 from tinyfusion.pruning import LearnedPruningTask
 from tinyfusion.pruning.width import units_removed
 from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
@@ -466,27 +467,32 @@ def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Cal
 
 def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], precisions: Sequence[str],
                   compile_modes: Sequence[bool], device: torch.device, warmup: int, repeats: int,
-                  log: logging.Logger, peak: dict[str, float] | None = None) -> list[dict]:
-    """Forward latency and throughput of every (model, batch size, precision, compile) combination.
+                  log: logging.Logger, peak: dict[str, float] | None = None,
+                  paths: Sequence[str] = ("held",)) -> list[dict]:
+    """Forward latency and throughput of every (model, batch size, precision, path, compile) combination.
 
-    The first model is the baseline of the speedup columns (measured, and ideal from FLOPs). The
-    models of one setting are timed in turns (`time_interleaved`), so their ratios are fair. Each row
-    has its FLOPs per second, their fraction of `peak` (`matmul_peak`: GFLOP/s per precision) in the
-    row's precision where given, and the shares of its time (`profile_shares`) from one more call under
-    the profiler.
+    A low precision runs on each of `paths`: "held", the inference path the sampling scripts take (the blocks'
+    weights held once in the precision, `tinyfusion.precision.for_inference`), and "autocast", float32 weights cast
+    on every call (how training runs). The first model is the baseline of the speedup columns (measured, and ideal
+    from FLOPs). The models of one setting are timed in turns (`time_interleaved`), so their ratios are fair. Each
+    row has its FLOPs per second, their fraction of `peak` (`matmul_peak`: GFLOP/s per precision) in the row's
+    precision where given, and the shares of its time (`profile_shares`) from one more call under the profiler.
     """
     per_image = [forward_flops(forward_call(bm, 1, device), bm.model) for bm in models]
+    settings = [(precision, path) for precision in precisions
+                for path in (["fp32"] if precision == "fp32" else paths)]
     rows = []
     for compiled in compile_modes:
-        for precision in precisions:
+        for precision, path in settings:
             for batch_size in batch_sizes:
                 calls = []
                 for bm in models:
-                    fn = torch.compile(bm.model) if compiled else bm.model
+                    model = for_inference(copy.deepcopy(bm.model), precision) if path == "held" else bm.model
+                    fn = torch.compile(model) if compiled else model
                     call = forward_call(dataclasses.replace(bm, model=fn), batch_size, device)
 
-                    def forward(call=call):
-                        with torch.no_grad(), autocast(precision, device):
+                    def forward(call=call, model=model):
+                        with torch.no_grad(), inference_context(model, precision, device):
                             call()
 
                     calls.append(forward)
@@ -497,7 +503,7 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                     gflops = flops * batch_size / 1e9
                     row = {"model": bm.name, "depth": total_depth(bm.model),
                            "params_m": parameter_count(bm.model) / 1e6,
-                           "batch": batch_size, "precision": precision, "compile": compiled,
+                           "batch": batch_size, "precision": precision, "path": path, "compile": compiled,
                            "gflops": gflops, "latency_ms": latency * 1e3, "images_per_s": batch_size / latency,
                            "peak_mib": memory["peak_mib"], "memory": memory["memory"],
                            "gflops_per_s": gflops / latency,
@@ -508,6 +514,7 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                     row.update(profile_shares(forward, device))
                     rows.append(row)
                     log.info(format_table([row], FORWARD_COLUMNS, header=False))
+                del calls
     return rows
 
 
@@ -691,7 +698,8 @@ class _TrainingBench:
 #################################################################################
 
 FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("batch", "{}"),
-                   ("precision", "{}"), ("compile", "{}"), ("gflops", "{:.3g}"), ("latency_ms", "{:.3g}"),
+                   ("precision", "{}"), ("path", "{}"), ("compile", "{}"), ("gflops", "{:.3g}"),
+                   ("latency_ms", "{:.3g}"),
                    ("images_per_s", "{:.2f}"), ("speedup", "{:.2f}x"), ("ideal_speedup", "{:.2f}x"),
                    ("peak_mib", "{:.0f}"), ("gflops_per_s", "{:.4g}"), ("peak_fraction", "{:.0%}"),
                    ("matmul_share", "{:.0%}"), ("attention_share", "{:.0%}"), ("matmul_attention_share", "{:.0%}")]
@@ -773,7 +781,7 @@ def run_forward_benchmark(args) -> dict:
     results = {"device": str(env.device), "device_name": device_name(env.device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "matmul_peak": {"size": size, "gflops_per_s": peak},
                "forward": bench_forward(models, args.batch_sizes, args.precisions, compile_modes, env.device,
-                                        args.warmup, args.repeats, log, peak)}
+                                        args.warmup, args.repeats, log, peak, paths=args.paths)}
     if args.num_sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
         results["sampling"] = bench_sampling(sampled, args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale,

@@ -172,6 +172,9 @@ class DiT(nn.Module):
     arch = "DiT"
     # The prunable block stacks: name -> (attribute, config key of its depth, config key of its widths).
     stacks = {"blocks": ("blocks", "depth", "block_widths")}
+    # The inference path (models/inference.py): the blocks' attention and MLP linears run in the sampling precision;
+    # the embedders, the adaLN modulation and the final layer stay float32.
+    low_precision_modules = ("blocks.*.attn", "blocks.*.mlp")
     # What a teacher must share with its student for Masked KD (tinyfusion.kd.check_teacher_fits): the classes,
     # the width the feature loss compares, the patches and the output (with or without the learned variance).
     teacher_compatible_keys = ("num_classes", "hidden_size", "learn_sigma", "patch_size")

@@ -96,6 +96,10 @@ class MAR(nn.Module):
     # Two prunable stacks (models.stacks): the encoder's blocks, then the decoder's (flat index E + j).
     stacks = {"encoder": ("encoder_blocks", "encoder_depth", None),
               "decoder": ("decoder_blocks", "decoder_depth", None)}
+    # The inference path (models/inference.py): the encoder's and decoder's attention and MLP linears, and the MLPs
+    # of DiffLoss's residual blocks, run in the sampling precision; embeddings, adaLN and final layers stay float32.
+    low_precision_modules = ("encoder_blocks.*.attn", "encoder_blocks.*.mlp", "decoder_blocks.*.attn",
+                             "decoder_blocks.*.mlp", "diffloss.net.res_blocks.*.mlp")
     # Constructor arguments that are settings of the process (processes.masked), not of the weights: `config`
     # leaves them out, a checkpoint keeps them in its process record only, and load_model builds the model
     # with the record's values, so the model's own loop samples as the toolkit does.

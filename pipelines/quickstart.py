@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from models import stack_depths, total_depth, unwrap
@@ -110,6 +111,9 @@ METHODS = ("learned-1-2", "learned-4-8", "bi", "loss", "oracle", "random")
 # removes half of every block's heads and MLP channels, about half of the blocks' parameters, and gets the same
 # recovery budget.
 WIDTH_METHODS = ("diff-pruning",)
+DEVICES = ("cpu", "cuda")
+# Scripts that run on the CPU whatever the device (cutting blocks out of a file).
+NO_DEVICE_FLAG = ("prune_by_index.py",)
 WIDTH_RATIO = 0.5
 METHOD_LABELS = {
     "learned-1-2": "TinyFusion, 1:2 groups, full weight updates",
@@ -229,10 +233,12 @@ class Quickstart:
         family: the teacher's family (FAMILIES).
         exhaustive: also cut, recover and score every 1:2 pattern.
         clear: also give the teacher CLEAR's local attention, distilled on its own samples (DiT, SiT).
+        device: "cpu", or "cuda": every script on the GPU, trained and sampled in bf16 (autocast in training, the
+            inference path in sampling), the distributed scripts under torchrun even with one process (NCCL).
     """
 
     def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
-                 family: str = "dit", exhaustive: bool = False, clear: bool = False):
+                 family: str = "dit", exhaustive: bool = False, clear: bool = False, device: str = "cpu"):
         if family not in FAMILIES:
             raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         if clear and not FAMILIES[family].get("clear"):
@@ -241,6 +247,13 @@ class Quickstart:
         self.out, self.budget, self.nproc, self.seed = Path(out), budget, nproc, seed
         self.family, self.teacher_model = family, FAMILIES[family]["teacher"]
         self.exhaustive, self.clear = exhaustive, clear
+        if device not in DEVICES:
+            raise UserError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to torch here; drop --device cuda (the quickstart "
+                             "runs on CPU), or run on a machine with a GPU and a CUDA build of torch")
+        self.device = device
+        self.precision = "bf16" if device == "cuda" else "fp32"
         # The rows' methods: depth pruning to half the blocks, and width pruning where the family allows it.
         self.methods = METHODS + (WIDTH_METHODS if FAMILIES[family].get("width") else ())
         self.data_path, self.image_size = data_path, image_size
@@ -250,7 +263,8 @@ class Quickstart:
         # Independent steps of a stage run side by side when the cores allow it (e.g. two one-process
         # scripts on two cores); every process gets its share of the cores as threads.
         cores = os.cpu_count() or 1
-        self.jobs = max(1, cores // nproc)
+        # On a GPU the steps side by side share it: a few at a time.
+        self.jobs = max(1, cores // nproc) if device == "cpu" else min(4, max(1, cores // nproc))
         self.threads = max(1, cores // (nproc * self.jobs))
         self._lock = threading.Lock()
         self._bar: tqdm | None = None
@@ -263,9 +277,7 @@ class Quickstart:
         if output is not None and output.exists():
             self._advance()
             return
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
-                    if distributed and self.nproc > 1 else [sys.executable])
-        cmd = launcher + args
+        cmd = self.command(args, distributed=distributed)
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(self.threads)}
@@ -286,6 +298,15 @@ class Quickstart:
             self.times[name] = seconds
             atomic_write_json(self.times_file, self.times)
         self._advance()
+
+    def command(self, args: list[str], *, distributed: bool) -> list[str]:
+        """The command line of a step: torchrun for a distributed script with several processes (on CUDA with one
+        too, so NCCL runs), plain python otherwise; on CUDA every script that runs a model gets --device cuda."""
+        torchrun = distributed and (self.nproc > 1 or self.device == "cuda")
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
+                    if torchrun else [sys.executable])
+        on_device = self.device != "cpu" and args[0] not in NO_DEVICE_FLAG and "--device" not in args
+        return launcher + args + (["--device", self.device] if on_device else [])
 
     def _advance(self) -> None:
         with self._lock:
@@ -311,7 +332,8 @@ class Quickstart:
         budget = dataclasses.asdict(self.budget)
         clear = {k: budget.pop(k) for k in CLEAR_FIELDS}
         settings = {"budget": budget, "data_path": self.data_path, "image_size": self.image_size, "seed": self.seed,
-                    **({"clear": clear} if self.clear else {})}
+                    **({"clear": clear} if self.clear else {}),
+                    **({"device": self.device} if self.device != "cpu" else {})}  # CPU folders stay valid
         return settings if self.family == "dit" else {**settings, "family": self.family}  # DiT folders stay valid
 
     def check_folder(self) -> None:
@@ -469,7 +491,7 @@ class Quickstart:
                 "--log-every", str(log_every or max(steps // 10, 1)),
                 "--ckpt-every", str(max(steps // 2, 1)), "--num-workers", "0",
                 "--global-seed", str(self.seed if seed is None else seed),
-                "--precision", "fp32"]
+                "--precision", self.precision]
 
     def train_teacher(self) -> Path:
         b = self.budget
@@ -571,7 +593,8 @@ class Quickstart:
         return ["sample_ddp.py", "--ckpt", str(ckpt), "--vae", "none", "--num-fid-samples", str(count),
                 "--per-proc-batch-size", "128", *FAMILIES[self.family]["sampler"], "--num-sampling-steps",
                 str(FAMILIES[self.family].get("sampling_steps", b.sampling_steps)), "--cfg-scale", str(b.cfg_scale),
-                "--global-seed", str(seed), "--sample-dir", str(self.path("samples", "parts")), "--npz", str(npz)]
+                "--global-seed", str(seed), "--sample-dir", str(self.path("samples", "parts")), "--npz", str(npz),
+                "--precision", self.precision]
 
     def sample(self, name: str, ckpt: Path, seed: int | None = None) -> Path:
         npz = self.path("samples", f"{name}.npz")
@@ -585,7 +608,7 @@ class Quickstart:
         out = self.path("fid.json")
         self.script("evaluate", ["evaluator.py", str(real_a), str(real_b), *map(str, samples.values()),
                                  "--feature-extractor", str(classifier), "--fid-method", "eigvals", "--out", str(out),
-                                 "--device", "cpu"], distributed=False)
+                                 "--device", self.device], distributed=False)
         results = json.loads(out.read_text())["results"]
         return dict(zip(["real (other half)", *samples], results))
 
@@ -603,7 +626,9 @@ class Quickstart:
         representatives = [names[0] for names in by_architecture.values()]
         out = self.path("latency.json")
         self.script("latency", ["-m", "benchmarks.forward", "--models", *(str(models[n]) for n in representatives),
-                                "--batch-sizes", "256", "--device", "cpu", "--repeats", "10",
+                                "--batch-sizes", "256", "--device", self.device, "--repeats", "10",
+                                *(["--precisions", self.precision, "--paths", "held"]
+                                  if self.precision != "fp32" else []),
                                 # the report reads the latencies only: a small GEMM for the peak keeps the step short
                                 "--peak-size", "512", "--out", str(out)],
                     distributed=False)
@@ -695,7 +720,8 @@ class Quickstart:
                   "patterns": [{"kept": list(k), "fid_after": v} for k, v in ordered],
                   "best_pattern": {"kept": list(ordered[0][0]), "fid_after": ordered[0][1]} if ordered else None,
                   "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
-                  "nproc": self.nproc, "jobs": self.jobs, "step_seconds": self.times,
+                  "nproc": self.nproc, "jobs": self.jobs, "device": self.device, "precision": self.precision,
+                  "step_seconds": self.times,
                   "wall_seconds": time.time() - self.started}
         atomic_write_json(self.path("results.json"), result)
         atomic_write(self.path("results.md"), lambda f: f.write(format_report(result).encode()))
@@ -758,7 +784,8 @@ def format_report(result: dict) -> str:
                   + ", ".join(f"{p['kept']} {p['fid_after']:.2f}" for p in result["patterns"])]
     lines += ["", "Wall time of each step (seconds): " + ", ".join(f"{k} {v:.0f}"
                                                                  for k, v in result["step_seconds"].items()),
-              f"This run: {result['wall_seconds']:.0f} s wall-clock, {result['nproc']} process(es) per script, "
+              f"This run: {result['wall_seconds']:.0f} s wall-clock on {result.get('device', 'cpu')} "
+              f"({result.get('precision', 'fp32')}), {result['nproc']} process(es) per script, "
               f"{result['jobs']} script(s) at a time (steps already done in the folder were reused)."]
     return "\n".join(lines) + "\n"
 
@@ -773,10 +800,11 @@ def _grid(npz: Path, png: Path, per_class: int = 8, max_classes: int = 10, min_s
     save_grid(picked, png, nrow=per_class, min_side=min_side, pad_value=0.5)
 
 
-def default_out(family: str, fast: bool) -> str:
-    """results/quickstart, with -sit / -mar for the other families and -fast for --fast: a fast run never lands in
-    (and is never refused by) the folder of a full one."""
-    return "results/quickstart" + ("" if family == "dit" else f"-{family}") + ("-fast" if fast else "")
+def default_out(family: str, fast: bool, device: str = "cpu") -> str:
+    """results/quickstart, with -sit / -mar for the other families, -fast for --fast and -cuda for --device cuda: a
+    fast run never lands in (and is never refused by) the folder of a full one, nor a GPU run in a CPU run's."""
+    return ("results/quickstart" + ("" if family == "dit" else f"-{family}") + ("-fast" if fast else "")
+            + ("" if device == "cpu" else f"-{device}"))
 
 
 def run_quickstart(args: argparse.Namespace) -> dict:
@@ -786,9 +814,9 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     nproc = args.nproc if args.nproc is not None else (1 if args.fast else 2)
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
-    out = args.out or default_out(args.family, args.fast)
+    out = args.out or default_out(args.family, args.fast, args.device)
     quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family,
-                            exhaustive=args.exhaustive, clear=args.clear)
+                            exhaustive=args.exhaustive, clear=args.clear, device=args.device)
     start = time.time()
     try:
         result = quickstart.run()

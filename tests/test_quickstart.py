@@ -172,6 +172,31 @@ def test_fast_and_full_runs_have_their_own_folders():
     assert default_out("mar", fast=True) == "results/quickstart-mar-fast"
 
 
+def test_cuda_runs_every_step_on_the_gpu_in_bf16(tmp_path, monkeypatch):
+    """--device cuda (what a GPU machine checks the CUDA paths with): each model-running script gets --device cuda,
+    training and sampling run in bf16, and the distributed scripts go through torchrun even with one process, so the
+    process group is NCCL's. The commands are checked here; they run on a GPU (see the README)."""
+    from pipelines.quickstart import default_out
+
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, device="cuda")
+    train = quickstart.command(["train.py", *quickstart._train_args("x", 1, 1e-4)], distributed=True)
+    assert train[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    assert train[-2:] == ["--device", "cuda"] and train[train.index("--precision") + 1] == "bf16"
+    sample = quickstart.command(quickstart._sampling_args(tmp_path / "m.pt", 8, 0, tmp_path / "s.npz"),
+                                distributed=True)
+    assert sample[-4:] == ["--precision", "bf16", "--device", "cuda"]
+    cut = quickstart.command(["prune_by_index.py", "--ckpt", "m.pt"], distributed=False)
+    assert cut[1:] == ["prune_by_index.py", "--ckpt", "m.pt"]  # a file operation: no device
+    assert quickstart.settings()["device"] == "cuda"
+    assert default_out("dit", True, "cuda") == "results/quickstart-fast-cuda"
+    cpu = Quickstart(tmp_path / "cpu", FAST, nproc=1, data_path=None, image_size=8, seed=0)
+    assert cpu.command(["train.py", "--lr", "1"], distributed=True)[1:] == ["train.py", "--lr", "1"]
+    assert "device" not in cpu.settings()  # folders made on CPU stay valid
+
+
 def test_mar_score_baselines_keep_half_of_each_stack(tmp_path):
     quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, family="mar")
     assert quickstart.teacher_model == "MAR-Nano"
@@ -215,12 +240,14 @@ def test_forward_benchmark_smallest(tmp_path):
                     "--repeats", "1", "--num-sampling-steps", "2", "--peak-size", "64", "--device", "cpu", "--out",
                     str(out)])
     result = json.loads(out.read_text())
-    assert len(result["forward"]) == 4 and len(result["sampling"]) == 2
+    assert len(result["forward"]) == 6 and len(result["sampling"]) == 2
     baseline, pruned = result["forward"][:2]
     assert baseline["speedup"] == 1.0 and baseline["ideal_speedup"] == 1.0
     assert pruned["ideal_speedup"] > 1.0 and pruned["depth"] == 2  # fewer FLOPs than DiT-Nano/2
-    assert [(r["precision"], r["batch"]) for r in result["forward"]] == [("fp32", 2)] * 2 + [("bf16", 2)] * 2
-    for group in (result["forward"][:2], result["forward"][2:]):  # each precision its own baseline
+    # bf16 on both paths: the sampling scripts' (weights held in bf16) and autocast's
+    assert [(r["precision"], r["path"], r["batch"]) for r in result["forward"]] == (
+        [("fp32", "fp32", 2)] * 2 + [("bf16", "held", 2)] * 2 + [("bf16", "autocast", 2)] * 2)
+    for group in (result["forward"][:2], result["forward"][2:4], result["forward"][4:]):  # each its own baseline
         for r in group:
             assert r["speedup"] == pytest.approx(group[0]["latency_ms"] / r["latency_ms"], rel=1e-12)
             assert r["ideal_speedup"] == pytest.approx(group[0]["gflops"] / r["gflops"], rel=1e-12)

@@ -103,13 +103,17 @@ def to_options(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, *, precision_default: str = "auto",
-                     seed_flag: str = "--global-seed") -> None:
-    """--device, --precision, --tf32 and the seed (`seed_flag`: sample.py says --seed, as DiT's does)."""
+                     seed_flag: str = "--global-seed", sampling: bool = False) -> None:
+    """--device, --precision, --tf32 and the seed (`seed_flag`: sample.py says --seed, as DiT's does). `sampling`: the
+    precision is the inference path's (weights held in it), not autocast's."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                        help="auto uses CUDA when a GPU is visible; the GPU is LOCAL_RANK under torchrun")
     group.add_argument("--precision", choices=["auto", *PRECISIONS], default=precision_default,
-                       help="autocast precision; auto is bf16 on CUDA GPUs that support it, else fp32")
+                       help=("the inference path's precision: the blocks' attention and MLP weights held in bf16 or "
+                             "fp16, embeddings, adaLN and the final layer in fp32" if sampling else
+                             "autocast precision (the weights stay fp32)")
+                       + "; auto is bf16 on CUDA GPUs that support it, else fp32")
     group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                        help="allow TF32 matmuls on Ampere+ GPUs")
     group.add_argument(seed_flag, type=int, default=0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
+
+from models.inference import held_dtype, hold_weights
 
 from .errors import UserError
 
@@ -39,6 +42,27 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def for_inference(model: nn.Module, precision: str) -> nn.Module:
+    """Puts a sampling model on the inference path of `precision` (in place; see models/inference.py): the blocks'
+    heavy weights held once in bf16 or fp16, the numerically delicate parts float32. fp32 changes nothing."""
+    return hold_weights(model, DTYPES[precision])
+
+
+def inference_context(model: nn.Module, precision: str, device: torch.device):
+    """The context a sampling call runs `model` in: nothing for a model on the inference path of `precision` (or for
+    fp32), autocast for a float32 model sampled in bf16 or fp16 (mixed precision, the weights re-cast every call).
+
+    Raises:
+        ValueError: the model's weights are held in another precision's dtype (a bug: the caller mixed them).
+    """
+    held = held_dtype(model)
+    if held is None:
+        return autocast(precision, device)
+    if held != DTYPES[precision]:
+        raise ValueError(f"the model's weights are held in {held}, but it is sampled in {precision}")
+    return contextlib.nullcontext()
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -64,7 +64,7 @@ from .features import SeedPurpose, derive_seed, shard_done, write_index, write_s
 from .fileio import atomic_write, atomic_write_json, remove_orphan_temporaries, setting_differences
 from .options import SAMPLER_OPTION_FIELDS, SampleGridOptions, SampleSetOptions, SamplingOptions
 from .paths import check_outputs, file_sha256
-from .precision import PRECISIONS, autocast
+from .precision import PRECISIONS, for_inference, inference_context
 from .runtime import Runtime, bootstrap
 from .vae import PIXEL_CHANNELS, LatentCodec, load_codec, resolve_codec
 
@@ -89,7 +89,8 @@ class SamplingSpec:
         num_steps: sampling steps (the Gaussian process respaces its training steps to this many).
         cfg_scale: classifier-free guidance scale; 1.0 runs the plain conditional model.
         guide_all_channels: guide every noise channel, not the first 3 (the official choice).
-        precision: autocast of the model, "fp32", "bf16" or "fp16" (already resolved, not "auto").
+        precision: "fp32", "bf16" or "fp16" (already resolved, not "auto"): the dtype of the model's inference path
+            (`tinyfusion.precision.for_inference`, what the sampling scripts load), or autocast's for a float32 model.
         options: the sampler's options (transport ODE: sampling_method, atol, rtol; SDE: sampling_method,
             diffusion_form, diffusion_norm, last_step, last_step_size); `for_process` fills the defaults.
     """
@@ -217,7 +218,7 @@ def _denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device) -> Cal
     null_class = unwrap(model).num_classes
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(spec.precision, device):
+        with inference_context(model, spec.precision, device):
             if spec.cfg_scale == 1.0:
                 out = model(x, t, y)
             else:
@@ -256,7 +257,7 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
                          "guided; use --cfg-scale 1")
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     if process.drives_model:  # the model's own loop (MAR's masked iterations)
-        with autocast(spec.precision, device):
+        with inference_context(model, spec.precision, device):
             out = process.sample_model(model, labels, generators, sampler=spec.sampler, num_steps=spec.num_steps,
                                        cfg_scale=spec.cfg_scale, progress=progress, options=spec.options)
         return out.float()
@@ -341,6 +342,7 @@ def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProc
                                     options=sampler_options(args), data_shape=unwrap(loaded.model).data_shape,
                                     cfg_scale=guidance_scale(args, loaded),
                                     guide_all_channels=args.guide_all_channels, precision=rt.precision)
+    for_inference(loaded.model, rt.precision)
     return loaded, process, codec, spec
 
 
