@@ -179,3 +179,25 @@ def test_held_model_sampled_in_another_precision_is_a_bug(dit):
     fp32 = copy.deepcopy(dit)
     assert for_inference(fp32, "fp32") is fp32 and not any(isinstance(m, HeldLinear) for m in fp32.modules())
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
+
+
+def test_sample_script_takes_the_path(tmp_path):
+    """sample.py --precision bf16 samples on the inference path (its log says so) and draws the fp32 grid within
+    the loop's bound: the pixels of the two PNGs differ by at most a few levels of 255."""
+    import numpy as np
+    from helpers import run_cli, tiny_dit
+    from PIL import Image
+
+    from tinyfusion.checkpoint import save_model
+
+    save_model(tmp_path / "m.pt", tiny_dit(in_channels=3), codec={"vae": "none", "scaling_factor": 1.0})
+    grids = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        proc = run_cli(["sample.py", "--ckpt", str(tmp_path / "m.pt"), "--vae", "none", "--sampler", "ddim",
+                        "--num-sampling-steps", "10", "--class-labels", "0", "1", "--precision", precision,
+                        "--device", "cpu", "--out", str(out)])
+        grids[precision] = np.asarray(Image.open(out), dtype=np.int16)
+        assert f"cfg 4, {precision}" in proc.stdout + proc.stderr
+    difference = np.abs(grids["bf16"] - grids["fp32"])
+    assert 0 < difference.max() <= 255 * 2 * BOUND["bf16"] / 2  # images span [-1, 1]: 255 / 2 levels per unit
