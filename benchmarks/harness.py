@@ -579,8 +579,12 @@ def _random_features(root: Path, model: nn.Module, count: int) -> FeatureDataset
     return FeatureDataset(root)
 
 
+TRAINING_TASKS = ("train", "kd", "prune-lora", "prune-full")
+
+
 def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv, warmup: int, repeats: int,
-                   lora_rank: int, log: logging.Logger, checkpointing: Sequence[bool] = (False,)) -> dict:
+                   lora_rank: int, log: logging.Logger, checkpointing: Sequence[bool] = (False,),
+                   tasks: Sequence[str] = TRAINING_TASKS) -> dict:
     """Step cost of the three training scripts' tasks on one model and batch.
 
     - train: plain diffusion training of the model;
@@ -592,7 +596,8 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     EMA alone is ~14 GB in fp32). The tasks run once per entry of `checkpointing`: without, then with
     activation checkpointing of the trained model's blocks (its family's `gradient_checkpointing`, what
     --grad-checkpointing sets), the row's "grad_checkpointing"; "vs_train" compares a pruning step with the
-    train step of the same setting. Each row's "peak_mib" is its own task's peak (`peak_memory` with
+    train step of the same setting (the train step runs whenever a pruning task does). `tasks` picks among
+    TRAINING_TASKS (a large model's full-update pruning may not fit in memory). Each row's "peak_mib" is its own task's peak (`peak_memory` with
     `reset`), and "step_mib" that peak less what was held when the task's steps began (its models
     built): the memory of the steps themselves (activations, gradients, optimizer state), which
     checkpointing lowers. On CPU the resident set left by earlier tasks drifts, so "step_mib" is the
@@ -608,9 +613,10 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
         rows = []
         for checkpointed in checkpointing:
             bench.checkpointing = checkpointed
-            train = bench.train()
-            rows += [train, bench.kd()]
-            for mode in ("lora", "full"):
+            pruning = [mode for mode in ("lora", "full") if f"prune-{mode}" in tasks]
+            train = bench.train() if "train" in tasks or pruning else None
+            rows += ([train] if train else []) + ([bench.kd()] if "kd" in tasks else [])
+            for mode in pruning:
                 row, fraction = bench.prune(mode, lora_rank)
                 row["vs_train"] = row["seconds_per_step"] / train["seconds_per_step"]
                 rows.append(row)
@@ -804,11 +810,13 @@ def run_training_benchmark(args) -> dict:
     log.info(format_table([], TRAINING_COLUMNS))
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     results = bench_training(bm, args.batch_size, args.precision, env, args.warmup, args.repeats, args.lora_rank, log,
-                             checkpointing)
+                             checkpointing, tasks=args.tasks)
     results.update(threads=torch.get_num_threads(), torch=torch.__version__)
     print("\n" + format_table(results["rows"], TRAINING_COLUMNS) + f"\n\npeak_mib: {results['memory']}; step_mib: "
           "the peak less what was held when the task's steps began (its models built)")
-    print(f"\nLoRA rank {results['lora_rank']}: {results['lora_trainable_fraction']:.2%} of the parameters trainable")
+    if "lora_rank" in results:
+        print(f"\nLoRA rank {results['lora_rank']}: {results['lora_trainable_fraction']:.2%} of the parameters "
+              "trainable")
     if args.out:
         atomic_write_json(args.out, results)
     return results

@@ -13,7 +13,7 @@ that peak less what was held when the task's steps began, is the steps' own memo
 both, every task runs without, then with activation checkpointing, and the two compare.
 """
 
-from benchmarks.harness import add_benchmark_args, run_training_benchmark
+from benchmarks.harness import TRAINING_TASKS, add_benchmark_args, run_training_benchmark
 from tinyfusion.args import Parser
 from tinyfusion.cli import run_script
 from tinyfusion.precision import PRECISIONS
@@ -28,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--grad-checkpointing", choices=["off", "on", "both"], default="off",
                         help="activation checkpointing of the trained model's blocks (the scripts' "
                              "--grad-checkpointing); both: every task without, then with it")
+    parser.add_argument("--tasks", choices=TRAINING_TASKS, nargs="+", default=list(TRAINING_TASKS),
+                        help="which steps to time (a pruning task also times train, its reference)")
     add_benchmark_args(parser)
     return parser.parse_args(argv)
 

@@ -289,6 +289,10 @@ def test_training_benchmark_smallest(tmp_path):
     for row in rows.values():
         assert row["images_per_s"] == pytest.approx(4 * row["steps_per_s"], rel=1e-12)  # batch 4
     assert 0 < result["lora_trainable_fraction"] < 1
+    # --tasks: a pruning task brings its reference, the train step
+    run_cli(["-m", "benchmarks.training", "--model", "DiT-Nano/2", "--image-size", "16", "--batch-size", "4",
+             "--warmup", "0", "--repeats", "1", "--device", "cpu", "--tasks", "prune-lora", "--out", str(out)])
+    assert [r["task"] for r in json.loads(out.read_text())["rows"]] == ["train", "prune-lora"]
 
 
 def test_benchmarked_calls_take_turns():
