@@ -597,7 +597,8 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     activation checkpointing of the trained model's blocks (its family's `gradient_checkpointing`, what
     --grad-checkpointing sets), the row's "grad_checkpointing"; "vs_train" compares a pruning step with the
     train step of the same setting (the train step runs whenever a pruning task does). `tasks` picks among
-    TRAINING_TASKS (a large model's full-update pruning may not fit in memory). Each row's "peak_mib" is its own task's peak (`peak_memory` with
+    TRAINING_TASKS (a large model's full-update pruning may not fit in memory). Each row's "peak_mib" is its own
+    task's peak (`peak_memory` with
     `reset`), and "step_mib" that peak less what was held when the task's steps began (its models
     built): the memory of the steps themselves (activations, gradients, optimizer state), which
     checkpointing lowers. On CPU the resident set left by earlier tasks drifts, so "step_mib" is the
