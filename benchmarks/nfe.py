@@ -231,10 +231,18 @@ def sweep_points(subject: Subject, evaluations: list[int], samplers: list[str] |
     return [p for p in points if p.name.split(" ")[0] in samplers]
 
 
+def asked_count(point: SweepPoint, counts: list[int]) -> int | None:
+    """The asked evaluation count a fixed-grid point was swept for (the nearest: Heun's grids give odd counts, 24 for
+    about 25), or None for an adaptive setting and the teacher's default."""
+    if point.evaluations is None:
+        return None
+    return min(counts, key=lambda n: (abs(n - point.evaluations), n))
+
+
 def headline(rows: list[dict], baseline: dict, target: int, tolerance: float) -> dict:
-    """The fastest student at `target` evaluations whose FID is within `tolerance` of the teacher's default row
-    (else the student with the lowest FID there), and the teacher's own best setting at the target."""
-    at_target = [r for r in rows if r["planned_nfe"] == target]
+    """The fastest student swept for `target` evaluations (row "asked") whose FID is within `tolerance` of the
+    teacher's default row (else the student with the lowest FID there), and the teacher's own best setting there."""
+    at_target = [r for r in rows if r["asked"] == target]
     students = [r for r in at_target if r["role"] == "student"]
     within = [r for r in students if r["fid"] <= (1 + tolerance) * baseline["fid"]]
     best = max(within, key=lambda r: r["images_per_s"]) if within else \
@@ -274,9 +282,10 @@ def pivot(rows: list[dict], evaluations: list[int]) -> str:
         mine = [r for r in rows if r["model"] == model and r["sampler"].split(" ")[0] == sampler]
         cells = []
         for n in evaluations:
-            hit = [r for r in mine if r["planned_nfe"] == n]
-            cells.append(f"{hit[0]['fid']:.2f} ({hit[0]['images_per_s']:.0f})" if hit else "")
-        other = [r for r in mine if r["planned_nfe"] is None]
+            hit = [r for r in mine if r["asked"] == n]
+            cells.append(", ".join(f"{r['fid']:.2f} ({r['images_per_s']:.0f})" + (
+                f" at NFE {r['planned_nfe']}" if r["planned_nfe"] != n else "") for r in hit))
+        other = [r for r in mine if r["asked"] is None]
         cells.append(", ".join(f"{r['fid']:.2f} ({r['images_per_s']:.0f}) at NFE {r['nfe']:.0f}" for r in other))
         lines.append(f"| {model} | {sampler} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -339,6 +348,8 @@ def main(args) -> dict:
             else:
                 row = sweep.score(subject, point, spec, role)
                 seen[key] = row
+            row["asked"] = asked_count(point, args.evaluations if role == "teacher" else
+                                       args.student_evaluations or args.evaluations)
             rows.append(row)
             print(format_table([row], ROW_COLUMNS, header=False), flush=True)
     baseline = next(r for r in rows if r["role"] == "teacher" and "(default)" in r["sampler"])
