@@ -100,8 +100,9 @@ def test_the_forward_benchmark_reports_the_peak_and_each_rows_fraction(tmp_path)
     assert peak["size"] == 64 and set(peak["gflops_per_s"]) == {"fp32", "bf16"}
     assert all(v > 0 for v in peak["gflops_per_s"].values())
     assert "matmul peak (64^3 GEMM, fastest of 2 calls): fp32 " in proc.stdout
-    assert [(r["model"], r["precision"]) for r in result["forward"]] == [
-        ("DiT-Nano/2", "fp32"), ("DiT-Nano/4", "fp32"), ("DiT-Nano/2", "bf16"), ("DiT-Nano/4", "bf16")]
+    assert [(r["model"], r["precision"], r["path"]) for r in result["forward"]] == [
+        ("DiT-Nano/2", "fp32", "fp32"), ("DiT-Nano/4", "fp32", "fp32"), ("DiT-Nano/2", "bf16", "held"),
+        ("DiT-Nano/4", "bf16", "held"), ("DiT-Nano/2", "bf16", "autocast"), ("DiT-Nano/4", "bf16", "autocast")]
     for r in result["forward"]:
         patch = 2 if r["model"] == "DiT-Nano/2" else 4  # 8 x 8 latents: 16 or 4 tokens
         assert r["gflops"] * 1e9 == pytest.approx(2 * dit_flops(8, 64, (8 // patch) ** 2, patch=patch), rel=1e-12)
