@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from models import unwrap
 from models.attention import attention_paths
-from models.compiling import CompiledCall
+from models.compiling import CompiledCall, check_compilable
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
@@ -365,6 +365,8 @@ def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProc
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
                                       num_heads=args.num_heads, attention=args.stated_attention(), vae=args.vae,
                                       device=rt.env.device, logger=rt.logger)
+    if args.compiled_with() is not None:  # refused now, before a run folder or its log is written
+        check_compilable(loaded.model, args.compiled_with())
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
                                     options=sampler_options(args), data_shape=unwrap(loaded.model).data_shape,
