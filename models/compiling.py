@@ -63,7 +63,8 @@ def compile_refusal(model: nn.Module) -> str | None:
     reason = getattr(type(inner), "not_compilable", None)
     if reason:
         return reason
-    if getattr(inner, "gradient_checkpointing", False) and any(recompute_hooks(b) for b in flat_blocks(model)):
+    checkpointed = getattr(inner, "gradient_checkpointing", False) and hasattr(type(inner), "stacks")
+    if checkpointed and any(recompute_hooks(block) for block in flat_blocks(model)):
         return ("gated blocks under --grad-checkpointing are recomputed in a context that restores their call's mask "
                 "(models.stacks.checkpoint_block), which torch.compile cannot trace; drop --grad-checkpointing or "
                 "--compile")
