@@ -23,6 +23,7 @@ import train
 from tinyfusion.checkpoint import save_model
 from tinyfusion.cli import run_script
 from tinyfusion.errors import UserError
+from tinyfusion.options import TrainOptions
 from tinyfusion.synthetic import class_pattern_latents
 from tinyfusion.vae import codec_record
 
@@ -166,6 +167,7 @@ class _Breaks(torch.nn.Module):
 
 
 def test_a_graph_break_or_the_recompile_limit_is_an_error_not_eager_code(monkeypatch):
+    """And a backend that is not one, or a backend without --compile (a flag that would change nothing)."""
     from models.compiling import CompiledModel, fail_at_recompile_limit
 
     model = CompiledModel(_Breaks(), backend="eager", what="the test's forward")
@@ -187,6 +189,9 @@ def test_a_graph_break_or_the_recompile_limit_is_an_error_not_eager_code(monkeyp
 
     with pytest.raises(UserError, match="--compile-backend 'tvm' is not one of inductor, aot_eager, eager"):
         CompiledModel(torch.nn.Identity(), backend="tvm", what="x")
+    with pytest.raises(UserError, match="--compile-backend eager chooses how --compile compiles: add --compile"):
+        TrainOptions(compile_backend="eager").compiled_with()
+    assert TrainOptions(compile=True, compile_backend="aot_eager").compiled_with() == "aot_eager"
 
 
 @pytest.mark.skipif(os.environ.get("TINYFUSION_TEST_INDUCTOR") != "1",

@@ -277,7 +277,8 @@ class Trainer:
         param_groups: optimizer parameter groups (each may carry its own "lr").
         task: the script's loss and hooks.
         dataset: the training data.
-        config: loop settings.
+        config: loop settings (with `compile_backend`, the task calls the model's forward compiled as one graph,
+            `models.compiling.CompiledModel`; the EMA and the checkpoints hold the bare model).
         process: the noise process (it draws each example's time and noise).
         settings: the run's settings as a JSON-able dict, stored in checkpoints and compared on resume.
         logger: a rank-0 logger.
