@@ -28,6 +28,8 @@ compiles (one graph), in turns; a compiled sampling row gives its speed over the
 and the seconds of its first call, compiling included ("compile_s").
 """
 
+import argparse
+
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
 from models.compiling import BACKENDS
 from processes import all_samplers
@@ -51,6 +53,9 @@ def parse_args(argv=None):
                         help="also time sampling end to end, as sample.py samples (every image of a batch, then its "
                              "decoding: a checkpoint's codec, a registry model's with random weights), with this "
                              "many steps of the sampler, in every precision (0: skip)")
+    parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="sampling: decode the samples, as sample.py does (--no-decode: the latents alone, what "
+                             "--compile compiles)")
     parser.add_argument("--sampler", choices=all_samplers(), default=None,
                         help="a sampler of every model's noise process (the process a checkpoint records; a "
                              "registry model's: its family's default); None: each process's first (e.g. DiT: ddpm)")

@@ -762,7 +762,7 @@ FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("
                    ("matmul_share", "{:.0%}"), ("attention_share", "{:.0%}"), ("matmul_attention_share", "{:.0%}")]
 SAMPLING_COLUMNS = [("model", "{}"), ("batch", "{}"), ("sampler", "{}"), ("steps", "{}"), ("cfg", "{:g}"),
                     ("precision", "{}"), ("compile", "{}"), ("decoder", "{}"), ("seconds", "{:.2f}"),
-                    ("images_per_s", "{:.2f}"), ("compile_speedup", "{:.2f}x"), ("compile_s", "{:.0f}")]
+                    ("images_per_s", "{:.3g}"), ("compile_speedup", "{:.2f}x"), ("compile_s", "{:.0f}")]
 TRAINING_COLUMNS = [("task", "{}"), ("grad_checkpointing", "{}"), ("seconds_per_step", "{:.4f}"),
                     ("steps_per_s", "{:.2f}"), ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
                     ("step_mib", "{:.0f}"), ("teacher_share", "{:.0%}"), ("vs_train", "{:.2f}x")]
@@ -828,7 +828,7 @@ def run_forward_benchmark(args) -> dict:
     if args.num_sampling_steps:  # a sampler that does not fit a model fails now, not after the forward timings
         sampling_plan(models, args.num_sampling_steps, args.cfg_scale, args.sampler, args.precisions[0],
                       options={"num_iter": args.num_iter})
-        codecs = [bench_codec(bm, env.device) for bm in models]
+        codecs = [bench_codec(bm, env.device) for bm in models] if args.decode else None
     sampled = list(models)  # diffusers' DiT has no sampler of ours
     if args.compare_diffusers:
         models.append(_diffusers_dit(models[0], env.device))
