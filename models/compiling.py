@@ -118,10 +118,13 @@ class CompiledCall:
     def __call__(self, *args, **kwargs):
         import torch._dynamo.exc as dynamo_exc
 
+        # torch before 2.7 named it FailOnCacheLimitHit (as the config, see fail_at_recompile_limit)
+        limit_hit = tuple(getattr(dynamo_exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                          if hasattr(dynamo_exc, name))
         start = time.perf_counter() if self.first_call_seconds is None else None
         try:
             out = self._compiled(*args, **kwargs)
-        except dynamo_exc.FailOnRecompileLimitHit as e:
+        except limit_hit as e:
             raise UserError(f"--compile: {self.what} needed more than {RECOMPILE_LIMIT} graphs (its inputs' shapes or "
                              "constants keep changing); run without --compile") from e
         except dynamo_exc.Unsupported as e:

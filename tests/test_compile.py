@@ -20,6 +20,7 @@ import prune_by_learning
 import sample
 import sample_ddp
 import train
+import train_masked_kd
 from tinyfusion.checkpoint import save_model
 from tinyfusion.cli import run_script
 from tinyfusion.errors import UserError
@@ -116,6 +117,23 @@ def test_train_py_compiled_trains_the_same_weights_under_their_own_names(files, 
         assert list(compiled[weights]) == list(eager[weights])
         for key, value in eager[weights].items():
             assert_fp32_close(compiled[weights][key], value, msg=f"{weights} {key}")
+
+
+def test_train_masked_kd_compiled_records_the_same_blocks(files, tmp_path, capsys):
+    """Masked KD's feature loss reads the student's blocks through forward hooks inside the compiled forward: the
+    same output KD, feature loss and total as uncompiled."""
+    save_model(tmp_path / "student.pt", tiny_dit(seed=1, in_channels=3, depth=2), codec=PIXELS)
+    common = ["--load-weight", str(tmp_path / "student.pt"), "--load-teacher", str(files / "dit.pt"), "--layer-map",
+              "0:0,1:1", "--data-path", str(files / "features"), "--results-dir", str(tmp_path), "--global-batch-size",
+              "8", "--num-workers", "0", "--max-steps", "2", "--log-every", "1", "--device", "cpu"]
+    for run, flags in (("eager", []), ("compiled", ["--compile", "--compile-backend", "eager"])):
+        assert _in_process(train_masked_kd, [*common, *flags, "--prefix", run], capsys)[0] == 0
+    logged = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("eager", "compiled")}
+    for key in ("kd", "feat", "gt", "loss"):
+        assert all(r[key] > 0 for r in logged["eager"]), key
+        assert_fp32_close(torch.tensor([r[key] for r in logged["compiled"]]),
+                          torch.tensor([r[key] for r in logged["eager"]]), msg=key)
 
 
 def test_prune_by_learning_compiles_its_gates_and_refuses_checkpointed_gates(files, tmp_path, capsys):
