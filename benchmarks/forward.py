@@ -6,6 +6,8 @@ Usage (from the repository root):
     python -m benchmarks.forward --models DiT-XL/2 DiT-D14/2 DiT-XL/2@width=0.5 DiT-XL/2@width=0.75 \
         --batch-sizes 8 --precisions fp32 bf16
     python -m benchmarks.forward --models outputs/pruned/DiT-D14-Learned.pt --num-sampling-steps 50 --cfg-scale 1.5
+    python -m benchmarks.forward --models DiT-S/2 --batch-sizes 8 --precisions fp32 bf16 --compile both \
+        --num-sampling-steps 25 --sampler ddim --threads 1    # sampling images/s with and without --compile
 
 Registry models get random weights (speed does not depend on them); NAME@width=R is NAME with the fraction R
 of every block's attention heads and MLP channels removed (width pruning: prune_by_score.py --width-ratio R).
@@ -22,9 +24,16 @@ path computes it, over the median latency), their fraction of the peak of its pr
 in matmul and in attention ops (torch's profiler, self times, one more call), the largest other ops in the JSON.
 A bf16 or fp16 row runs on the inference path the sampling scripts take (column path: held) and under autocast
 (path: autocast), unless --paths picks one.
+
+--compile both times every forward and every sampling run uncompiled and compiled, as --compile of the scripts
+compiles (one graph), in turns; a compiled sampling row gives its speed over the uncompiled one ("compile_speedup")
+and the seconds of its first call, compiling included ("compile_s").
 """
 
+import argparse
+
 from benchmarks.harness import add_benchmark_args, run_forward_benchmark
+from models.compiling import BACKENDS
 from processes import all_samplers
 from tinyfusion.args import Parser, nonnegative_int, positive_int
 from tinyfusion.cli import run_script
@@ -41,9 +50,18 @@ def parse_args(argv=None):
                         help="how bf16 and fp16 rows run: held, the sampling scripts' inference path (the blocks' "
                              "weights held once in the precision, fp32 embeddings, adaLN and final layer); autocast, "
                              "fp32 weights cast on every call (training's mixed precision)")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="time the models as --compile runs them (models/compiling.py: the forward, and in the "
+                             "sampling loop the sampler's denoiser, compiled as one graph), or both ways, in turns")
+    parser.add_argument("--compile-backend", choices=list(BACKENDS), default="inductor",
+                        help="torch.compile's backend (eager and aot_eager generate no code)")
     parser.add_argument("--num-sampling-steps", type=nonnegative_int, default=0,
-                        help="also time the whole sampling loop with this many steps of the sampler (0: skip)")
+                        help="also time sampling end to end, as sample.py samples (every image of a batch, then its "
+                             "decoding: a checkpoint's codec, a registry model's with random weights), with this "
+                             "many steps of the sampler, in every precision (0: skip)")
+    parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="sampling: decode the samples, as sample.py does (--no-decode: the latents alone, what "
+                             "--compile compiles)")
     parser.add_argument("--sampler", choices=all_samplers(), default=None,
                         help="a sampler of every model's noise process (the process a checkpoint records; a "
                              "registry model's: its family's default); None: each process's first (e.g. DiT: ddpm)")

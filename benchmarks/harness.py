@@ -19,6 +19,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -50,7 +51,9 @@ from models import (
     unwrap,
 )
 from models.attention import attention_modules, flex_block_mask, pooled_grid, resolve_path, tile_layout
+from models.compiling import CompiledModel
 from processes import NoiseProcess, create_process
+from tinyfusion.args import positive_int
 from tinyfusion.checkpoint import LoadedModel, load_model
 from tinyfusion.distributed import DistEnv
 from tinyfusion.engine import TrainConfig, Trainer
@@ -63,8 +66,9 @@ from tinyfusion.paths import check_outputs
 from tinyfusion.precision import DTYPES, autocast, for_inference, inference_context
 from tinyfusion.pruning import LearnedPruningTask
 from tinyfusion.pruning.width import units_removed
-from tinyfusion.sampling import SamplingSpec, image_seeds, sample_latents
+from tinyfusion.sampling import SamplingSpec, image_seeds, make_denoiser, sample_latents
 from tinyfusion.training import DiffusionTask, parameter_count
+from tinyfusion.vae import LatentCodec, is_kl16_spec, load_codec, resolve_codec
 
 #################################################################################
 #                                     Timing                                    #
@@ -406,6 +410,7 @@ class BenchModel:
     arch: str
     config: dict
     process: dict
+    codec: dict | None = None  # what a checkpoint records of its codec; None: a registry model's (random weights)
 
 
 def default_process_record(model: nn.Module) -> dict:
@@ -420,16 +425,15 @@ def bench_model(spec: str, input_size: int, device: torch.device, num_classes: i
     --width-ratio R does), or a checkpoint path (timed on the noise process the file records)."""
     if Path(spec).is_file():
         loaded: LoadedModel = load_model(spec)
-        model, arch, config, process = loaded.model, loaded.arch, loaded.config, loaded.process
-    else:
-        name, _, width = spec.partition("@width=")
-        model = create_model(name, input_size=input_size, num_classes=num_classes)
-        if isinstance(model, GatedModel):
-            raise UserError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
-        if width:
-            model = _narrowed(model, spec, width)
-        arch, config, process = model.arch, dict(model.config), default_process_record(model)
-    return BenchModel(spec, model.to(device).eval(), arch, config, process)
+        return BenchModel(spec, loaded.model.to(device).eval(), loaded.arch, loaded.config, loaded.process,
+                          codec=loaded.codec)
+    name, _, width = spec.partition("@width=")
+    model = create_model(name, input_size=input_size, num_classes=num_classes)
+    if isinstance(model, GatedModel):
+        raise UserError(f"{spec} is a gated training preset; time its base model or a pruned checkpoint")
+    if width:
+        model = _narrowed(model, spec, width)
+    return BenchModel(spec, model.to(device).eval(), model.arch, dict(model.config), default_process_record(model))
 
 
 def _narrowed(model: nn.Module, spec: str, width: str) -> nn.Module:
@@ -468,7 +472,7 @@ def forward_call(bm: "BenchModel", batch_size: int, device: torch.device) -> Cal
 def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], precisions: Sequence[str],
                   compile_modes: Sequence[bool], device: torch.device, warmup: int, repeats: int,
                   log: logging.Logger, peak: dict[str, float] | None = None,
-                  paths: Sequence[str] = ("held",)) -> list[dict]:
+                  paths: Sequence[str] = ("held",), compile_backend: str = "inductor") -> list[dict]:
     """Forward latency and throughput of every (model, batch size, precision, path, compile) combination.
 
     A low precision runs on each of `paths`: "held", the inference path the sampling scripts take (the blocks'
@@ -476,7 +480,9 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
     on every call (how training runs). The first model is the baseline of the speedup columns (measured, and ideal
     from FLOPs). The models of one setting are timed in turns (`time_interleaved`), so their ratios are fair. Each
     row has its FLOPs per second, their fraction of `peak` (`matmul_peak`: GFLOP/s per precision) in the row's
-    precision where given, and the shares of its time (`profile_shares`) from one more call under the profiler.
+    precision where given, and the shares of its time (`profile_shares`) from one more call under the profiler. A
+    compiled row's model is compiled as --compile compiles it (`models.compiling.CompiledModel`: one graph,
+    `compile_backend`), in the warm-up calls.
     """
     per_image = [forward_flops(forward_call(bm, 1, device), bm.model) for bm in models]
     settings = [(precision, path) for precision in precisions
@@ -488,7 +494,8 @@ def bench_forward(models: Sequence[BenchModel], batch_sizes: Sequence[int], prec
                 calls = []
                 for bm in models:
                     model = for_inference(copy.deepcopy(bm.model), precision) if path == "held" else bm.model
-                    fn = torch.compile(model) if compiled else model
+                    fn = CompiledModel(model, backend=compile_backend, what=f"{bm.name}'s forward",
+                                       log=log.info) if compiled else model
                     call = forward_call(dataclasses.replace(bm, model=fn), batch_size, device)
 
                     def forward(call=call, model=model):
@@ -542,30 +549,91 @@ def sampling_plan(models: Sequence[BenchModel], num_steps: int, cfg_scale: float
     return plan
 
 
+# The SD VAE's architecture (stabilityai/sd-vae-ft-ema's config): the decoder of a registry DiT or SiT, whose random
+# weights cost what the trained ones cost.
+SD_VAE_ARCHITECTURE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                           layers_per_block=2, latent_channels=4, norm_num_groups=32, scaling_factor=0.18215)
+
+
+def bench_codec(bm: BenchModel, device: torch.device) -> LatentCodec:
+    """The codec that decodes a model's samples, as sample.py's: the one a checkpoint records (`--vae auto`: its
+    weights are loaded, as sample.py loads them); for a registry model or a file that records none, the codec its
+    input channels name, with random weights (the SD VAE's architecture for 4 channels, MAR's KL-16 for 16; pixels:
+    none), built once for all the models that take it."""
+    spec, _ = resolve_codec(None, bm.codec, unwrap(bm.model).data_shape[0])
+    if bm.codec is not None or spec == "none":
+        return load_codec(spec, device)
+    return _random_codec("kl16" if is_kl16_spec(spec) else "sd-vae", device)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_codec(kind: str, device: torch.device) -> LatentCodec:
+    if kind == "kl16":
+        from tinyfusion.klvae import KL16_SCALING_FACTOR, KLAutoencoder
+
+        return LatentCodec(KLAutoencoder().eval(), "kl16 (random weights)", KL16_SCALING_FACTOR).to(device)
+    from diffusers.models import AutoencoderKL
+
+    vae = AutoencoderKL(**SD_VAE_ARCHITECTURE).eval().requires_grad_(False)
+    return LatentCodec(vae, "sd-vae (random weights)").to(device)
+
+
 def bench_sampling(models: Sequence[BenchModel], batch_size: int, num_steps: int, cfg_scale: float,
-                   sampler: str | None, precision: str, device: torch.device, repeats: int, log: logging.Logger,
-                   options: dict | None = None) -> list[dict]:
-    """Images per second of the whole sampling loop (latents; the VAE decode is not included).
+                   sampler: str | None, precisions: Sequence[str], device: torch.device, repeats: int,
+                   log: logging.Logger, options: dict | None = None, *, compile_modes: Sequence[bool] = (False,),
+                   compile_backend: str = "inductor", codecs: Sequence[LatentCodec] | None = None) -> list[dict]:
+    """Images per second of the whole sampling loop of every (model, precision, compile) combination, a low
+    precision on the inference path the sampling scripts take (`tinyfusion.precision.for_inference`).
 
     Each model samples on the process it records (see `sampling_plan` for `sampler` and `options`);
-    `num_steps` are the sampler's steps (MAR: the token sampler's).
+    `num_steps` are the sampler's steps (MAR: the token sampler's). With `codecs` (one per model, `bench_codec`)
+    the latents are decoded too, as sample.py does (the decoder in fp32, uncompiled): images per second end to
+    end; without, latents per second. A compiled row samples with the denoiser sample.py --compile builds
+    (`tinyfusion.sampling.make_denoiser` with `compile_backend`), compiled in the warm-up call ("compile_s": that
+    call's compiled step, compiling included); "compile_speedup" is its speed over the uncompiled row's. The
+    rows of one precision (every model, compiled and not) are timed in turns (`time_interleaved`).
     """
-    calls, specs = [], []
-    for bm, (process, spec) in zip(models, sampling_plan(models, num_steps, cfg_scale, sampler, precision, options)):
-        labels = torch.arange(batch_size, device=device) % unwrap(bm.model).num_classes
-        seeds = image_seeds(0, range(batch_size))
-        calls.append(lambda bm=bm, spec=spec, process=process, labels=labels, seeds=seeds: sample_latents(
-            bm.model, process, labels, seeds, spec))
-        specs.append(spec)
     rows = []
-    # in turns, as the forward passes: the ratio of two models' runs stays fair on a drifting host
-    for bm, spec, (times, _) in zip(models, specs, time_interleaved(calls, device, 1, repeats)):
-        seconds = statistics.median(times)
-        row = {"model": bm.name, "batch": batch_size, "sampler": spec.sampler_name(), "steps": num_steps,
-               "cfg": cfg_scale, "precision": precision, "seconds": seconds, "images_per_s": batch_size / seconds,
-               **({"num_iter": spec.options["num_iter"]} if "num_iter" in spec.options else {})}
-        rows.append(row)
-        log.info(format_table([row], SAMPLING_COLUMNS, header=False))
+    for precision in precisions:
+        calls, plan = [], []
+        for i, (bm, (process, spec)) in enumerate(zip(models, sampling_plan(models, num_steps, cfg_scale, sampler,
+                                                                            precision, options))):
+            labels = torch.arange(batch_size, device=device) % unwrap(bm.model).num_classes
+            seeds = image_seeds(0, range(batch_size))
+            codec = codecs[i] if codecs is not None else None
+            # as sample.py samples: a low precision on the inference path (weights held in it)
+            model = bm.model if precision == "fp32" else for_inference(copy.deepcopy(bm.model), precision)
+            for compiled in compile_modes:
+                denoise = make_denoiser(model, spec, device, compile_backend=compile_backend if compiled else None,
+                                        log=log.info)
+
+                def call(model=model, process=process, spec=spec, labels=labels, seeds=seeds, codec=codec,
+                         denoise=None if process.drives_model else denoise):
+                    latents = sample_latents(model, process, labels, seeds, spec, denoise=denoise)
+                    return latents if codec is None else codec.decode(latents)
+
+                calls.append(call)
+                plan.append((bm, spec, compiled, codec, denoise))
+        # in turns, as the forward passes: the ratio of two runs stays fair on a drifting host
+        uncompiled = {}
+        for (bm, spec, compiled, codec, denoise), (times, _) in zip(plan, time_interleaved(calls, device, 1,
+                                                                                            repeats)):
+            seconds = statistics.median(times)
+            row = {"model": bm.name, "batch": batch_size, "sampler": spec.sampler_name(), "steps": num_steps,
+                   "cfg": cfg_scale, "precision": precision, "compile": compiled,
+                   "decoder": codec.name if codec is not None else None, "seconds": seconds,
+                   "images_per_s": batch_size / seconds,
+                   **({"num_iter": spec.options["num_iter"]} if "num_iter" in spec.options else {})}
+            if compiled:
+                row["compile_backend"] = compile_backend
+                row["compile_s"] = denoise.first_call_seconds
+                if bm.name in uncompiled:
+                    row["compile_speedup"] = uncompiled[bm.name] / seconds
+            else:
+                uncompiled[bm.name] = seconds
+            rows.append(row)
+            log.info(format_table([row], SAMPLING_COLUMNS, header=False))
     return rows
 
 
@@ -711,7 +779,8 @@ FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("
                    ("peak_mib", "{:.0f}"), ("gflops_per_s", "{:.4g}"), ("peak_fraction", "{:.0%}"),
                    ("matmul_share", "{:.0%}"), ("attention_share", "{:.0%}"), ("matmul_attention_share", "{:.0%}")]
 SAMPLING_COLUMNS = [("model", "{}"), ("batch", "{}"), ("sampler", "{}"), ("steps", "{}"), ("cfg", "{:g}"),
-                    ("precision", "{}"), ("seconds", "{:.2f}"), ("images_per_s", "{:.2f}")]
+                    ("precision", "{}"), ("compile", "{}"), ("decoder", "{}"), ("seconds", "{:.2f}"),
+                    ("images_per_s", "{:.3g}"), ("compile_speedup", "{:.2f}x"), ("compile_s", "{:.0f}")]
 TRAINING_COLUMNS = [("task", "{}"), ("grad_checkpointing", "{}"), ("seconds_per_step", "{:.4f}"),
                     ("steps_per_s", "{:.2f}"), ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
                     ("step_mib", "{:.0f}"), ("teacher_share", "{:.0%}"), ("vs_train", "{:.2f}x")]
@@ -752,6 +821,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
 
 
@@ -761,6 +831,8 @@ def _setup(args) -> tuple[DistEnv, logging.Logger]:
     env = init_distributed(args.device)
     if env.distributed:
         raise UserError("benchmarks run in one process; launch them with python, not torchrun")
+    if getattr(args, "threads", None):  # add_benchmark_args' (benchmarks.attention has a parser of its own)
+        torch.set_num_threads(args.threads)
     return env, create_logger(env)
 
 
@@ -774,6 +846,7 @@ def run_forward_benchmark(args) -> dict:
     if args.num_sampling_steps:  # a sampler that does not fit a model fails now, not after the forward timings
         sampling_plan(models, args.num_sampling_steps, args.cfg_scale, args.sampler, args.precisions[0],
                       options={"num_iter": args.num_iter})
+        codecs = [bench_codec(bm, env.device) for bm in models] if args.decode else None
     sampled = list(models)  # diffusers' DiT has no sampler of ours
     if args.compare_diffusers:
         models.append(_diffusers_dit(models[0], env.device))
@@ -788,12 +861,14 @@ def run_forward_benchmark(args) -> dict:
     results = {"device": str(env.device), "device_name": device_name(env.device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "matmul_peak": {"size": size, "gflops_per_s": peak},
                "forward": bench_forward(models, args.batch_sizes, args.precisions, compile_modes, env.device,
-                                        args.warmup, args.repeats, log, peak, paths=args.paths)}
+                                        args.warmup, args.repeats, log, peak, paths=args.paths,
+                                        compile_backend=args.compile_backend)}
     if args.num_sampling_steps:
         log.info(format_table([], SAMPLING_COLUMNS))
         results["sampling"] = bench_sampling(sampled, args.batch_sizes[0], args.num_sampling_steps, args.cfg_scale,
-                                             args.sampler, args.precisions[0], env.device, args.repeats, log,
-                                             options={"num_iter": args.num_iter})
+                                             args.sampler, args.precisions, env.device, args.repeats, log,
+                                             options={"num_iter": args.num_iter}, compile_modes=compile_modes,
+                                             compile_backend=args.compile_backend, codecs=codecs)
     print("\n" + peak_line + "\n\n" + format_table(results["forward"], FORWARD_COLUMNS))
     if "sampling" in results:
         print("\n" + format_table(results["sampling"], SAMPLING_COLUMNS))

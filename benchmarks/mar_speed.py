@@ -71,8 +71,8 @@ def main(args):
              f"torch {torch.__version__}")
     forward = bench_forward(models, [args.batch_size], [args.precision], [False], env.device, args.warmup,
                             args.repeats, log)
-    sampling = bench_sampling(models, args.batch_size, args.num_sampling_steps, args.cfg_scale, "mar", args.precision,
-                              env.device, args.repeats, log, options={"num_iter": args.num_iter})
+    sampling = bench_sampling(models, args.batch_size, args.num_sampling_steps, args.cfg_scale, "mar",
+                              [args.precision], env.device, args.repeats, log, options={"num_iter": args.num_iter})
     print("\n" + format_table(forward, FORWARD_COLUMNS))
     print("\n" + format_table(sampling, SAMPLING_COLUMNS))
     speedup = sampling[0]["seconds"] / sampling[1]["seconds"]

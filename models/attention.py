@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from tinyfusion.errors import UserError
 
+from .compiling import fail_at_recompile_limit
+
 ATTENTION_KINDS = ("global", "local")
 PATHS = ("auto", "flex", "tiled", "dense")
 # Why a family without an `attention` config key (MAR) refuses local attention.
@@ -281,15 +283,9 @@ FLEX_RECOMPILE_LIMIT = 64
 
 @functools.lru_cache(maxsize=1)
 def compiled_flex_attention():
-    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
-    # torch 2.7 renamed cache_size_limit to recompile_limit (requirements.txt allows torch from 2.5).
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), FLEX_RECOMPILE_LIMIT))
-    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(dynamo_config, fail):
-            setattr(dynamo_config, fail, True)
-            break
+
+    fail_at_recompile_limit(FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -202,6 +202,7 @@ class GatedModel(nn.Module):
                                 else parse_groups(groups, depth=len(blocks)))
         self._mask: torch.Tensor | None = None  # (B, depth) during a gated call and its recomputations, else None
         self._handles = self._attach()
+        self._released = False  # a bool, not the handles, is what a call checks: torch.compile can read it
 
     def _attach(self) -> list:
         return [block.register_forward_hook(_GateHook(self, index)) for index, block in enumerate(flat_blocks(self))]
@@ -225,6 +226,7 @@ class GatedModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._released = True
         return self.model
 
     @property
@@ -243,7 +245,7 @@ class GatedModel(nn.Module):
         is recomputed in the backward pass, after this context has ended: its hook hands the mask of the call to
         the recomputation (`_GateHook.recompute_context`), so the recomputed block is gated alike.
         """
-        if not self._handles:
+        if self._released:
             raise RuntimeError("the gates were released from this model")
         if self.training:
             mask = self.gates.sample(batch_size, uniform)

@@ -104,6 +104,10 @@ class MAR(nn.Module):
     # leaves them out, a checkpoint keeps them in its process record only, and load_model builds the model
     # with the record's values, so the model's own loop samples as the toolkit does.
     process_arguments = ("num_sampling_steps",)
+    # Why torch.compile cannot trace it as one graph (models.compiling refuses --compile with this line).
+    not_compilable = ("MAR keeps the visible tokens of a random masking order (shapes that depend on the data) and "
+                      "samples in a Python loop over its iterations, so it does not compile as one graph: run it "
+                      "without --compile (which is for DiT and SiT)")
     # What a teacher must share with its student for Masked KD (tinyfusion.kd.check_teacher_fits): the classes,
     # the widths the feature loss compares, the tokens and the diffusion head whose predictions are distilled.
     teacher_compatible_keys = ("class_num", "encoder_embed_dim", "decoder_embed_dim", "patch_size", "diffloss_d",

@@ -169,14 +169,21 @@ def checkpoint_block(block: nn.Module, *args) -> torch.Tensor:
     a method `recompute_context()`: called here at forward time, it returns a context manager that restores what
     the hook read, and the recomputation runs inside it, so it computes what the forward computed.
     """
-    # Forward hooks are kept in the module's `_forward_hooks` (torch has no public accessor); the hooks that
-    # qualify are the toolkit's own (models.gates._GateHook).
-    hooks = [hook for hook in block._forward_hooks.values() if hasattr(hook, "recompute_context")]
+    hooks = recompute_hooks(block)
+    if not hooks:  # torch's default context: what torch.compile traces (it refuses a context_fn of ours)
+        return checkpoint(block, *args, use_reentrant=False)
 
     def contexts():  # torch calls this once per checkpointed call, at forward time
         return nullcontext(), _entered_together([hook.recompute_context() for hook in hooks])
 
     return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
+
+
+def recompute_hooks(block: nn.Module) -> list:
+    """The forward hooks of `block` whose recomputation needs the context of its call (`recompute_context`)."""
+    # Forward hooks are kept in the module's `_forward_hooks` (torch has no public accessor); the hooks that
+    # qualify are the toolkit's own (models.gates._GateHook).
+    return [hook for hook in block._forward_hooks.values() if hasattr(hook, "recompute_context")]
 
 
 @contextmanager

@@ -240,7 +240,7 @@ def test_forward_benchmark_smallest(tmp_path):
                     "--repeats", "1", "--num-sampling-steps", "2", "--peak-size", "64", "--device", "cpu", "--out",
                     str(out)])
     result = json.loads(out.read_text())
-    assert len(result["forward"]) == 6 and len(result["sampling"]) == 2
+    assert len(result["forward"]) == 6 and len(result["sampling"]) == 4  # sampling in each precision too
     baseline, pruned = result["forward"][:2]
     assert baseline["speedup"] == 1.0 and baseline["ideal_speedup"] == 1.0
     assert pruned["ideal_speedup"] > 1.0 and pruned["depth"] == 2  # fewer FLOPs than DiT-Nano/2
@@ -255,8 +255,11 @@ def test_forward_benchmark_smallest(tmp_path):
     # on CPU the memory column is the process's RSS high-water mark: it only grows, in the order of the rows
     peaks = [r["peak_mib"] for r in result["forward"]]
     assert all(r["memory"] == "process peak RSS" for r in result["forward"]) and peaks == sorted(peaks)
-    assert [(r["batch"], r["steps"]) for r in result["sampling"]] == [(2, 2), (2, 2)]
+    assert [(r["precision"], r["batch"], r["steps"]) for r in result["sampling"]] == [("fp32", 2, 2)] * 2 + [
+        ("bf16", 2, 2)] * 2
     assert all(r["images_per_s"] == pytest.approx(2 / r["seconds"], rel=1e-12) for r in result["sampling"])
+    # end to end, as sample.py: decoded by the codec the 4 latent channels name (random weights for the benchmark)
+    assert {r["decoder"] for r in result["sampling"]} == {"sd-vae (random weights)"}
     assert "| model | depth |" in proc.stdout
 
 

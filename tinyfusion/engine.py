@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from models import unwrap
+from models.compiling import CompiledModel
 from processes import Draws, NoiseProcess
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, first_nonfinite, read_checkpoint
@@ -42,11 +43,13 @@ from .fileio import atomic_write_json, setting_differences, truncate_jsonl
 from .precision import autocast, grad_scaler
 
 # Settings that may change between a run and its resumption (they do not change the result; gradient
-# checkpointing recomputes the very activations it drops, so a run resumed on a smaller GPU may turn it on). Paths
+# checkpointing recomputes the very activations it drops, so a run resumed on a smaller GPU may turn it on; a
+# compiled forward computes the same function, rounded as its backend's kernels round, as on another device). Paths
 # are compared by what they hold (tinyfusion.training.run_settings records the content of each input), so a
 # moved run folder or a data path spelled another way resumes.
 RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "num_workers", "tensorboard", "device",
-                     "max_nonfinite_steps", "save_model", "results_dir", "prefix", "debug", "grad_checkpointing"}
+                     "max_nonfinite_steps", "save_model", "results_dir", "prefix", "debug", "grad_checkpointing",
+                     "compile", "compile_backend"}
 # The suffix of the settings that record what an input path holds (tinyfusion.training.run_settings).
 CONTENT_SUFFIX = "@content"
 # Exit statuses of a run stopped by a signal after saving (128 + the signal's number, as a shell reports).
@@ -76,6 +79,7 @@ class TrainConfig:
     global_seed: int = 0
     max_nonfinite_steps: int = 5
     tensorboard: bool = False
+    compile_backend: str | None = None  # torch.compile the model's forward with this backend (models/compiling.py)
 
 
 @dataclasses.dataclass
@@ -273,7 +277,8 @@ class Trainer:
         param_groups: optimizer parameter groups (each may carry its own "lr").
         task: the script's loss and hooks.
         dataset: the training data.
-        config: loop settings.
+        config: loop settings (with `compile_backend`, the task calls the model's forward compiled as one graph,
+            `models.compiling.CompiledModel`; the EMA and the checkpoints hold the bare model).
         process: the noise process (it draws each example's time and noise).
         settings: the run's settings as a JSON-able dict, stored in checkpoints and compared on resume.
         logger: a rank-0 logger.
@@ -310,8 +315,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay,
                                            betas=tuple(config.betas))
         self.scaler = grad_scaler(config.precision, env.device)
-        self.ddp_model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
-            if env.distributed else model
+        # What the task calls: the model, compiled with --compile (DDP wraps the compiled model: its own forward does
+        # not trace as one graph). Checkpoints and the EMA hold the bare model's weights, under its own names.
+        forward = model if config.compile_backend is None else CompiledModel(
+            model, backend=config.compile_backend, what=_training_forward(model), log=logger.info)
+        self.ddp_model = DDP(forward, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+            if env.distributed else forward
         self.checkpoints = CheckpointManager(self.run_dir, config.keep_last)
         self.step = 0
         self.skipped_steps = 0
@@ -559,6 +568,13 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(k, v, self.step)
         return fields
+
+
+def _training_forward(model: nn.Module) -> str:
+    """What a compiled training forward is called in the log: "the DiT's training forward (through its GatedModel)"."""
+    inner = unwrap(model)
+    through = f" (through its {type(model).__name__})" if model is not inner else ""
+    return f"the {inner.arch}'s training forward{through}"
 
 
 class _Window:

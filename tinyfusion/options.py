@@ -25,6 +25,27 @@ class RuntimeOptions:
 
 
 @dataclasses.dataclass
+class CompileOptions:
+    """--compile: torch.compile what runs at every step, one graph or an error (models/compiling.py), with
+    --compile-backend."""
+
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def compiled_with(self) -> str | None:
+        """The backend to compile with; None without --compile.
+
+        Raises:
+            UserError: another --compile-backend without --compile (a flag that would change nothing).
+        """
+        if self.compile:
+            return self.compile_backend
+        if self.compile_backend != "inductor":
+            raise UserError(f"--compile-backend {self.compile_backend} chooses how --compile compiles: add --compile")
+        return None
+
+
+@dataclasses.dataclass
 class ModelOptions:
     """How a model is named and read: registry name, which weights, head count of a plain state dict, and the
     attention kind (`--attention`: what a bare state dict cannot say; the kind a training run converts to)."""
@@ -59,7 +80,7 @@ class ModelOptions:
 
 
 @dataclasses.dataclass
-class TrainingOptions(RuntimeOptions, ModelOptions):
+class TrainingOptions(RuntimeOptions, ModelOptions, CompileOptions):
     """The flags of the one training loop (tinyfusion.engine), shared by the three training scripts."""
 
     load_weight: str | None = None
@@ -181,7 +202,7 @@ class DiffusersImportOptions:
 
 
 @dataclasses.dataclass
-class SamplingOptions(RuntimeOptions, ModelOptions):
+class SamplingOptions(RuntimeOptions, ModelOptions, CompileOptions):
     """The flags shared by sample.py and sample_ddp.py."""
 
     ckpt: str = ""

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from models import unwrap
 from models.attention import attention_paths
+from models.compiling import CompiledCall, check_compilable
 from processes import NoiseProcess, create_process
 
 from .checkpoint import LoadedModel, load_model
@@ -230,9 +231,29 @@ def _denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device) -> Cal
     return denoise
 
 
+def make_denoiser(model: nn.Module, spec: SamplingSpec, device: torch.device | str, *,
+                  compile_backend: str | None = None, log: Callable[[str], None] | None = None) -> Callable:
+    """The function the samplers call at every step (model(x, t, y), guided when cfg_scale != 1, in the spec's
+    precision); with `compile_backend`, compiled as one graph, guidance included (models/compiling.py: a graph break
+    or the recompile limit is an error, and `log` gets one line at the first call).
+
+    Build it once for a run and pass it to `sample_latents` (or `sample_images`) for every batch.
+
+    Raises:
+        UserError: a model that cannot be compiled (MAR), or an unknown backend.
+    """
+    denoise = _denoiser(model, spec, torch.device(device))
+    if compile_backend is None:
+        return denoise
+    step = (f"forward_with_cfg at scale {spec.cfg_scale:g}" if spec.cfg_scale != 1.0 else "forward") + \
+        f", {spec.precision}"
+    return CompiledCall(denoise, model=model, backend=compile_backend,
+                        what=f"the {unwrap(model).arch}'s sampling step ({step})", log=log)
+
+
 @torch.no_grad()
 def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor, seeds: Sequence[int],
-                   spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
+                   spec: SamplingSpec, *, progress: bool = False, denoise: Callable | None = None) -> torch.Tensor:
     """Samples model inputs (latents, or pixels for a pixel-space model), one per label.
 
     Sample i depends only on labels[i] and seeds[i]: its starting noise and every step's noise come
@@ -245,8 +266,12 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
         seeds: N seeds (see `image_seeds`).
         spec: sampler, steps, guidance and precision.
         progress: show a progress bar over the steps.
+        denoise: what the sampler calls at every step, made by `make_denoiser` for this model and spec (a compiled
+            one); None: built here, uncompiled.
     Returns:
         (N, C, H, W) float32 samples.
+    Raises:
+        UserError: a compiled `denoise` for a process that runs the model's own loop (it would go unused).
     """
     device = next(model.parameters()).device
     if len(seeds) != len(labels):
@@ -257,20 +282,24 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
                          "guided; use --cfg-scale 1")
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     if process.drives_model:  # the model's own loop (MAR's masked iterations)
+        if denoise is not None:
+            raise UserError(f"--compile: the {process.name} process runs the model's own sampling loop, not a "
+                             "denoiser that could be compiled; run without --compile")
         with inference_context(model, spec.precision, device):
             out = process.sample_model(model, labels, generators, sampler=spec.sampler, num_steps=spec.num_steps,
                                        cfg_scale=spec.cfg_scale, progress=progress, options=spec.options)
         return out.float()
     # The same starting noise for every sampler: image i starts from the same noise under each of them.
     noise = torch.stack([torch.randn(tuple(inner.data_shape), generator=g, device=device) for g in generators])
-    return process.sample(_denoiser(model, spec, device), noise, dict(y=labels), sampler=spec.sampler,
+    return process.sample(denoise or _denoiser(model, spec, device), noise, dict(y=labels), sampler=spec.sampler,
                           num_steps=spec.num_steps, generators=generators, progress=progress, options=spec.options)
 
 
 def sample_images(model: nn.Module, process: NoiseProcess, codec: LatentCodec, labels: torch.Tensor,
-                  seeds: Sequence[int], spec: SamplingSpec, *, progress: bool = False) -> torch.Tensor:
+                  seeds: Sequence[int], spec: SamplingSpec, *, progress: bool = False,
+                  denoise: Callable | None = None) -> torch.Tensor:
     """Images (N, C, H, W), nominally in [-1, 1] (not clamped): `sample_latents`, decoded."""
-    return codec.decode(sample_latents(model, process, labels, seeds, spec, progress=progress))
+    return codec.decode(sample_latents(model, process, labels, seeds, spec, progress=progress, denoise=denoise))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -337,6 +366,8 @@ def _prepare(args: SamplingOptions, rt: Runtime) -> tuple[LoadedModel, NoiseProc
     loaded, codec = load_for_sampling(args.ckpt, model_name=args.model, weights=args.weights,
                                       num_heads=args.num_heads, attention=args.stated_attention(), vae=args.vae,
                                       device=rt.env.device, logger=rt.logger)
+    if args.compiled_with() is not None:  # refused now, before a run folder or its log is written
+        check_compilable(loaded.model, args.compiled_with())
     process = create_process(loaded.process)
     spec = SamplingSpec.for_process(process, sampler=args.sampler, num_steps=args.num_sampling_steps,
                                     options=sampler_options(args), data_shape=unwrap(loaded.model).data_shape,
@@ -354,6 +385,8 @@ def run_sample(args: SampleGridOptions) -> Path:
             raise UserError("sample.py runs in one process; for many images on many GPUs use "
                              "torchrun ... sample_ddp.py")
         loaded, process, codec, spec = _prepare(args, rt)
+        denoise = make_denoiser(loaded.model, spec, rt.env.device, compile_backend=args.compiled_with(),
+                                log=rt.logger.info)
         num_classes = unwrap(loaded.model).num_classes
         labels = resolve_class_labels(args.class_labels, num_classes)
         if args.class_labels is None:
@@ -363,7 +396,7 @@ def run_sample(args: SampleGridOptions) -> Path:
         rt.logger.info(f"sampling {len(labels)} images from {args.ckpt} ({loaded.weights} weights) on "
                        f"{rt.env.device.type}: {spec.describe()}, vae {codec.name}")
         images = sample_images(loaded.model, process, codec, torch.tensor(labels, device=rt.env.device),
-                               image_seeds(args.seed, range(len(labels))), spec, progress=True)
+                               image_seeds(args.seed, range(len(labels))), spec, progress=True, denoise=denoise)
         nfe = getattr(process, "last_nfe", None)
         if nfe is not None:  # the ODE sampler reports how many model calls each image took
             rt.logger.info(f"function evaluations per image: mean {nfe.float().mean():.1f} (min {int(nfe.min())}, "
@@ -378,7 +411,7 @@ def run_sample(args: SampleGridOptions) -> Path:
 #################################################################################
 
 def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpec, *, seed: int, num_samples: int,
-                      batch_size: int, device: torch.device, tf32: bool) -> dict:
+                      batch_size: int, device: torch.device, tf32: bool, compile_backend: str | None = None) -> dict:
     """Everything that decides the pixels of an FID sample set, as JSON-ready values.
 
     Args:
@@ -386,6 +419,8 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         seed: the run's global seed; num_samples: N; batch_size: images per batch (per process).
         device: where sampling runs (CPU and CUDA draw different noise from the same seeds).
         tf32: whether TF32 matmuls were allowed (matters on CUDA only).
+        compile_backend: the torch.compile backend of the denoiser (recorded only when compiled: inductor's kernels
+            round otherwise than eager ones, so a run resumed with or without --compile is refused).
     """
     config = loaded.config
     channels, size, _ = unwrap(loaded.model).data_shape
@@ -405,6 +440,7 @@ def sampling_protocol(loaded: LoadedModel, codec: LatentCodec, spec: SamplingSpe
         "seeds": f"image i: noise from derive_seed({SeedPurpose.SAMPLE_NOISE}, global_seed, i), label "
                  f"derive_seed({SeedPurpose.SAMPLE_LABEL}, global_seed, i) % num_classes",
         "torch": torch.__version__,
+        **({"compile": compile_backend} if compile_backend is not None else {}),
         "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 class labels (N,)"},
     }
     # A JSON round trip, so that a fresh protocol compares equal to one read back from disk.
@@ -552,7 +588,7 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
                          env: DistEnv, seed: int,
                          num_samples: int, batch_size: int, run_dir: str | os.PathLike, npz_path: str | os.PathLike,
                          tf32: bool = False, save_png: bool = False, latents_dir: str | os.PathLike | None = None,
-                         logger: logging.Logger | None = None) -> dict:
+                         compile_backend: str | None = None, logger: logging.Logger | None = None) -> dict:
     """Samples an FID set on every rank of the world, resumably, and assembles the .npz on rank 0.
 
     Batch b holds images b*B .. (b+1)*B-1 (the last padded past N); the batches not yet on disk are
@@ -568,12 +604,15 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
         tf32: whether TF32 matmuls are allowed (recorded).
         save_png: also write every image as run_dir/png/INDEX.png.
         latents_dir: also write the samples as latents there (a features folder of `tinyfusion.features`).
+        compile_backend: torch.compile the denoiser with this backend (`make_denoiser`; recorded in the protocol);
+            None: uncompiled.
         logger: where progress goes (rank 0 logs).
     Returns:
         the protocol; on rank 0 as written beside the .npz, with "npz" and "npz_sha256" added (and "latents",
         "latents_index_sha256" with `latents_dir`).
     Raises:
-        UserError: bad counts, or a run folder or latents folder of another protocol.
+        UserError: bad counts, a run folder or latents folder of another protocol, or a model that cannot be
+            compiled.
     """
     logger = logger or logging.getLogger(__name__)
     if num_samples < 1:
@@ -584,10 +623,13 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
     latents_dir = Path(latents_dir) if latents_dir is not None else None
     num_batches = -(-num_samples // batch_size)
     inner = unwrap(loaded.model)
+    # Built once (and refused, if it must be, before any folder is touched): every batch calls the same function.
+    denoise = make_denoiser(loaded.model, spec, env.device, compile_backend=compile_backend, log=logger.info)
     opened = None
     if env.is_main:
         protocol = sampling_protocol(loaded, codec, spec, seed=seed, num_samples=num_samples,
-                                     batch_size=batch_size, device=env.device, tf32=tf32)
+                                     batch_size=batch_size, device=env.device, tf32=tf32,
+                                     compile_backend=compile_backend)
         source = None if latents_dir is None else latents_source(protocol, codec, inner.data_shape[0])
         try:
             # Both folders are checked before either records anything, so a refusal leaves neither changed.
@@ -615,7 +657,8 @@ def generate_fid_samples(loaded: LoadedModel, process: NoiseProcess, codec: Late
         indices = range(batch * batch_size, (batch + 1) * batch_size)
         labels = torch.tensor(image_labels(seed, indices, inner.num_classes), device=env.device)
         # One sampling per batch: the images are these latents decoded.
-        latents = sample_latents(loaded.model, process, labels, image_seeds(seed, indices), spec)  # (B, C, H, W)
+        latents = sample_latents(loaded.model, process, labels, image_seeds(seed, indices), spec,
+                                 denoise=denoise)  # (B, C, H, W)
         keep = min(batch_size, num_samples - batch * batch_size)
         kept_labels = labels[:keep].cpu().numpy()
         if batch in parts:
@@ -668,12 +711,12 @@ def run_sample_ddp(args: SampleSetOptions) -> Path:
         generate_fid_samples(loaded, process, codec, spec, env=rt.env, seed=args.global_seed,
                              num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size, run_dir=run_dir,
                              npz_path=npz_path, tf32=args.tf32, save_png=args.save_png,
-                             latents_dir=args.save_latents, logger=rt.logger)
+                             latents_dir=args.save_latents, compile_backend=args.compiled_with(), logger=rt.logger)
     return npz_path
 
 
 __all__ = [
     "GRID_NROW", "SHOWCASE_CLASSES", "SamplingSpec", "generate_fid_samples", "image_labels", "image_seeds",
-    "latents_source", "load_for_sampling", "resolve_class_labels", "run_name", "run_sample", "run_sample_ddp",
-    "sample_images", "sample_latents", "sampling_protocol", "save_grid", "to_uint8", "write_npz",
+    "latents_source", "load_for_sampling", "make_denoiser", "resolve_class_labels", "run_name", "run_sample",
+    "run_sample_ddp", "sample_images", "sample_latents", "sampling_protocol", "save_grid", "to_uint8", "write_npz",
 ]

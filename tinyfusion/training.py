@@ -138,7 +138,7 @@ def train_config(args: TrainingOptions, run: Run, steps: int) -> TrainConfig:
         grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         precision=run.precision, log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last,
         num_workers=args.num_workers, global_seed=args.global_seed, max_nonfinite_steps=args.max_nonfinite_steps,
-        tensorboard=args.tensorboard,
+        tensorboard=args.tensorboard, compile_backend=args.compiled_with(),
     )
 
 
