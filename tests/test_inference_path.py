@@ -201,3 +201,19 @@ def test_sample_script_takes_the_path(tmp_path):
         assert f"cfg 4, {precision}" in proc.stdout + proc.stderr
     difference = np.abs(grids["bf16"] - grids["fp32"])
     assert 0 < difference.max() <= 255 * 2 * BOUND["bf16"] / 2  # images span [-1, 1]: 255 / 2 levels per unit
+
+
+def test_diffusers_dit_takes_the_path_on_the_same_layers(dit):
+    """benchmarks.forward --compare-diffusers times diffusers' DiT on the inference path too: each block's attention
+    and feed-forward linears held (six per block in diffusers' layout), agreeing with its float32 self (not with
+    ours: diffusers spaces the timestep frequencies otherwise, see the README's diffusers section)."""
+    from tinyfusion.diffusers_io import DiffusersDiT, to_diffusers
+
+    inputs = _inputs("dit")
+    theirs = DiffusersDiT(to_diffusers(dit)).eval()
+    with torch.no_grad():
+        expected = theirs(*inputs)
+        held = for_inference(copy.deepcopy(theirs), "bf16")
+        out = held(*inputs)
+    assert sum(isinstance(m, HeldLinear) for m in held.modules()) == 6 * len(dit.blocks)
+    assert _rel(out, expected) < BOUND["bf16"]

@@ -588,6 +588,9 @@ class DiffusersDiT(nn.Module):
     of a model: `data_shape`, `num_classes` and its blocks as one stack (`total_depth`)."""
 
     stacks = {"blocks": ("blocks", None, None)}
+    # The inference path (models/inference.py), on the same layers as DiT's: each block's attention and feed-forward
+    # linears; the adaLN-Zero norms (with the embedders diffusers copies into them) and the output layers stay float32.
+    low_precision_modules = ("transformer.transformer_blocks.*.attn1", "transformer.transformer_blocks.*.ff")
 
     def __init__(self, transformer):
         super().__init__()
