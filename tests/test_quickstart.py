@@ -72,8 +72,8 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     # every step ran in this run, at most `jobs` at a time: the wall-clock time holds each, and their sum over jobs
     times = result["step_seconds"].values()
     assert result["wall_seconds"] >= max(times) and result["wall_seconds"] >= sum(times) / result["jobs"]
-    assert (f"This run: {result['wall_seconds']:.0f} s wall-clock, 1 process(es) per script, {result['jobs']} "
-            "script(s) at a time") in (out / "results.md").read_text()
+    assert (f"This run: {result['wall_seconds']:.0f} s wall-clock on cpu (fp32), 1 process(es) per script, "
+            f"{result['jobs']} script(s) at a time") in (out / "results.md").read_text()
     assert result["fast"] and (out / "results.md").read_text().startswith("**Smoke run (--fast)")
     assert "mostly noise" in (out / "grids" / "SMOKE-RUN.txt").read_text()
     assert [a["name"] for a in result["ablation"]] == ["learned-1-2", "ablation-lora"]  # the full run: all four

@@ -271,7 +271,8 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
     Returns:
         (N, C, H, W) float32 samples.
     Raises:
-        UserError: a compiled `denoise` for a process that runs the model's own loop (it would go unused).
+        UserError: a compiled `denoise` for a process that runs the model's own loop (it would go unused; an
+            uncompiled one is simply not called).
     """
     device = next(model.parameters()).device
     if len(seeds) != len(labels):
@@ -282,7 +283,7 @@ def sample_latents(model: nn.Module, process: NoiseProcess, labels: torch.Tensor
                          "guided; use --cfg-scale 1")
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     if process.drives_model:  # the model's own loop (MAR's masked iterations)
-        if denoise is not None:
+        if isinstance(denoise, CompiledCall):
             raise UserError(f"--compile: the {process.name} process runs the model's own sampling loop, not a "
                              "denoiser that could be compiled; run without --compile")
         with inference_context(model, spec.precision, device):
