@@ -9,6 +9,14 @@ code's residual is float32 under autocast), the LayerNorms, the timestep and cla
 modulation (its scales and gates multiply every token) and the final layer. Which modules take the path is data
 of the family: its class attribute `low_precision_modules`, glob patterns over module names.
 
+The activation that follows a held linear (GELU, exact or tanh, and SiLU: an MLP's `fc1` then `act`, timm's layout, or
+a Linear then its activation in an nn.Sequential) is fused into that linear. On a CPU with oneDNN's bf16 kernels the
+linear, its bias and the activation are then one oneDNN call (`torch.ops.mkldnn._linear_pointwise`, the kernel
+inductor emits for the same pattern), the activation applied to the float32 accumulator before the one rounding to
+bf16; elsewhere (CUDA, fp16, or with autograd recording) the same module calls F.linear and then the activation.
+Measured on DiT-XL/2 at batch 8, bf16, on an AMX Xeon: torch's separate tanh GELU took 10% of the forward and the
+bias copies of addmm another 5% (README, Speed).
+
 Sampling only: the model is changed in place and is not meant to be trained or saved afterwards (training keeps
 float32 master weights under autocast).
 """
@@ -24,12 +32,34 @@ import torch.nn.functional as F
 from .stacks import unwrap
 
 
+def _onednn_bf16() -> bool:
+    """Whether this torch has oneDNN's bf16 linear kernels for this CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+ONEDNN_BF16 = _onednn_bf16()  # read by HeldLinear at every call; a module constant so that torch.compile folds it
+
+# The activations a held linear can apply itself: module type to (oneDNN post-op, its algorithm).
+_POST_OPS = {nn.GELU: lambda act: ("gelu", act.approximate), nn.SiLU: lambda act: ("swish", "")}
+
+
 class HeldLinear(nn.Linear):
     """A Linear whose weight and bias are held in a low precision: the input is cast to that dtype (an activation
-    cast, a no-op when it already is), the output stays in it. The weights are never re-cast."""
+    cast, a no-op when it already is), the output stays in it. The weights are never re-cast. `post_op`, when set,
+    is the activation that follows it (("gelu", "tanh" | "none") or ("swish", "")), applied here."""
+
+    post_op: tuple[str, str] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        x = x.to(self.weight.dtype)
+        if ONEDNN_BF16 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            attr, algorithm = self.post_op or ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, attr, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        if self.post_op is None:
+            return y
+        attr, algorithm = self.post_op
+        return F.gelu(y, approximate=algorithm) if attr == "gelu" else F.silu(y)
 
 
 def _held_copy(linear: nn.Linear, dtype: torch.dtype) -> HeldLinear:
@@ -76,8 +106,26 @@ def hold_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = inner.get_submodule(parent_name)
         setattr(parent, child, _held_copy(getattr(parent, child), dtype))
+        _fuse_activation(parent, child)
     inner._held_dtype = dtype
     return model
+
+
+def _fuse_activation(parent: nn.Module, child: str) -> None:
+    """Moves the activation that follows the held linear `parent.<child>` into it, leaving nn.Identity in its place:
+    `act` after `fc1` (timm's Mlp layout: fc1, act, then dropout and fc2), or the next module of an nn.Sequential."""
+    if isinstance(parent, nn.Sequential) and child.isdigit():
+        follower = str(int(child) + 1)
+    elif child == "fc1":
+        follower = "act"
+    else:
+        return
+    act = getattr(parent, follower, None)
+    post_op = next((make(act) for kind, make in _POST_OPS.items() if type(act) is kind), None)
+    if post_op is None:
+        return
+    getattr(parent, child).post_op = post_op
+    setattr(parent, follower, nn.Identity())
 
 
 def held_dtype(model: nn.Module) -> torch.dtype | None:

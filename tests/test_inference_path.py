@@ -4,9 +4,10 @@ Bounds. A bf16 value keeps 8 significant bits (unit roundoff u = 2**-9 of its ma
 fp16 11 (u = 2**-12). Each block rounds its matmul inputs and outputs once, and the residual stream, the adaLN
 modulation and the final layer stay float32, so the output's error is a few roundings of the blocks' branches,
 which the adaLN gates scale down. Measured on the official code's tiny models (tests/data; relative to the output's
-largest magnitude): bf16 2.5e-3 (DiT), 1.8e-3 (SiT), 6.3e-3 and 2.4e-3 (MAR's decoder and DiffLoss MLP); fp16
-3.0e-4, 1.8e-4, 8.6e-4, 2.9e-4. Autocast, which also rounds the embeddings, adaLN and final layer, measured 7.0e-3,
-4.9e-3, 7.8e-3 and 7.4e-3 in bf16. The bound is 4 neighbour gaps of the precision (1.6e-2 bf16, 2.0e-3 fp16): at
+largest magnitude): bf16 2.4e-3 (DiT), 1.8e-3 (SiT), 5.4e-3 and 3.2e-3 (MAR's decoder and DiffLoss MLP), with the
+MLPs' activations fused into oneDNN's bf16 linear on this CPU; fp16 3.0e-4, 1.8e-4, 8.6e-4, 2.9e-4. Autocast,
+which also rounds the embeddings, adaLN and final layer, measured 7.0e-3, 4.9e-3, 7.8e-3 and 7.4e-3 in bf16.
+The bound is 4 neighbour gaps of the precision (1.6e-2 bf16, 2.0e-3 fp16): at
 least 1.6x the largest error measured, while a block left in float32 or an adaLN rounded to bf16 would not show, a
 wrong cast (a weight in the wrong dtype, a dropped bias) fails by orders of magnitude.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.inference import HeldLinear, hold_weights
+from models.inference import ONEDNN_BF16, HeldLinear, hold_weights
 from models.mar import MAR
 from models.sit import SiT
 from processes import create_process
@@ -116,6 +117,35 @@ def test_mar_agrees_with_fp32(mar, precision):
     assert sum(isinstance(m, HeldLinear) for m in held_model.modules()) == 4 * 4 + 2 * 2  # 4 blocks, 2 res blocks
     for actual, wanted in zip(held, expected):
         assert _rel(actual, wanted) < BOUND[precision]
+
+
+def test_activations_are_fused_into_the_held_linears(dit, mar):
+    """The MLP's activation moves into its first linear (DiT: tanh GELU; MAR's timm blocks: exact GELU; DiffLoss:
+    SiLU), leaving nn.Identity in its place. On a CPU with oneDNN's bf16 kernels the no-grad call is one oneDNN
+    linear with the activation applied before the rounding to bf16; with autograd recording it is F.linear and the
+    activation after the rounding. The two differ by the rounding of the linear's output before the activation: at
+    most one bf16 neighbour gap of that output (2**-8 relative) and the accumulation order, so 2 gaps bound it."""
+    held = hold_weights(copy.deepcopy(dit), torch.bfloat16)
+    mlp = held.blocks[0].mlp
+    assert mlp.fc1.post_op == ("gelu", "tanh") and isinstance(mlp.act, torch.nn.Identity) and mlp.fc2.post_op is None
+    assert held.blocks[0].attn.qkv.post_op is None
+    held_mar = hold_weights(copy.deepcopy(mar), torch.bfloat16)
+    assert held_mar.encoder_blocks[0].mlp.fc1.post_op == ("gelu", "none")
+    res_mlp = held_mar.diffloss.net.res_blocks[0].mlp
+    assert res_mlp[0].post_op == ("swish", "") and isinstance(res_mlp[1], torch.nn.Identity)
+
+    x = torch.randn(2, 16, mlp.fc1.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = dit.blocks[0].mlp.act(dit.blocks[0].mlp.fc1(x))  # float32
+        fused = mlp.fc1(x)
+    with torch.enable_grad():
+        unfused = mlp.fc1(x.requires_grad_())
+    assert fused.dtype == unfused.dtype == torch.bfloat16
+    assert _rel(fused, unfused.detach().float()) < 2 * 2.0 ** -8
+    if ONEDNN_BF16:  # two kernels ran: their roundings differ somewhere among the 2x16x64 outputs
+        assert not torch.equal(fused, unfused.detach())
+    # both are bf16 roundings of the float32 result
+    assert _rel(fused, expected) < 2 * 2.0 ** -8 and _rel(unfused.detach(), expected) < 2 * 2.0 ** -8
 
 
 def test_no_weight_is_cast_per_call(dit):
