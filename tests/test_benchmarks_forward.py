@@ -89,6 +89,17 @@ def test_the_peak_and_the_profiler_shares():
     assert top == sorted(top, reverse=True) and sum(top) <= shares["other_share"] + 1e-9
     assert not any(op["op"] in ("aten::addmm", "aten::linear") for op in shares["profile"]["top_other"])
 
+    # on the inference path a CPU with oneDNN's bf16 kernels runs the MLP's linear and GELU as one oneDNN op,
+    # counted as matmul: no GELU, no linear among the other ops
+    from models.inference import ONEDNN_BF16, hold_weights
+
+    held = hold_weights(_model("DiT-Nano/2", 8), torch.bfloat16)
+    with torch.no_grad():
+        shares = profile_shares(_call(held, 2), torch.device("cpu"))
+    others = {op["op"] for op in shares["profile"]["top_other"]}
+    assert 0 < shares["matmul_share"] < 1 and not others & {"aten::addmm", "aten::linear", "mkldnn::_linear_pointwise"}
+    assert ("aten::gelu" in others) == (not ONEDNN_BF16)
+
 
 def test_the_forward_benchmark_reports_the_peak_and_each_rows_fraction(tmp_path):
     out = tmp_path / "forward.json"
@@ -99,7 +110,10 @@ def test_the_forward_benchmark_reports_the_peak_and_each_rows_fraction(tmp_path)
     peak = result["matmul_peak"]
     assert peak["size"] == 64 and set(peak["gflops_per_s"]) == {"fp32", "bf16"}
     assert all(v > 0 for v in peak["gflops_per_s"].values())
+    # measured at the start and the end: the faster of the two is the peak of every row
+    assert all(peak["gflops_per_s"][p] >= peak["at_end"][p] for p in ("fp32", "bf16"))
     assert "matmul peak (64^3 GEMM, fastest of 2 calls): fp32 " in proc.stdout
+    assert "(the faster of the start and the end of the run; end: fp32 " in proc.stdout
     assert [(r["model"], r["precision"], r["path"]) for r in result["forward"]] == [
         ("DiT-Nano/2", "fp32", "fp32"), ("DiT-Nano/4", "fp32", "fp32"), ("DiT-Nano/2", "bf16", "held"),
         ("DiT-Nano/4", "bf16", "held"), ("DiT-Nano/2", "bf16", "autocast"), ("DiT-Nano/4", "bf16", "autocast")]
