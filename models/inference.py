@@ -13,7 +13,8 @@ The activation that follows a held linear (GELU, exact or tanh, and SiLU: an MLP
 a Linear then its activation in an nn.Sequential) is fused into that linear. On a CPU with oneDNN's bf16 kernels the
 linear, its bias and the activation are then one oneDNN call (`torch.ops.mkldnn._linear_pointwise`, the kernel
 inductor emits for the same pattern), the activation applied to the float32 accumulator before the one rounding to
-bf16; elsewhere (CUDA, fp16, or with autograd recording) the same module calls F.linear and then the activation.
+bf16; elsewhere (CUDA, fp16, with autograd recording, or traced by torch.compile, whose inductor lowers that op only
+for frozen weights and fuses the activation itself) the same module calls F.linear and then the activation.
 Measured on DiT-XL/2 at batch 8, bf16, on an AMX Xeon: torch's separate tanh GELU took 10% of the forward and the
 bias copies of addmm another 5% (README, Speed).
 
@@ -52,7 +53,8 @@ class HeldLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
-        if ONEDNN_BF16 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if (ONEDNN_BF16 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             attr, algorithm = self.post_op or ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)
