@@ -194,8 +194,9 @@ def add_compile_args(group, what: str, refused: str = "") -> None:
     group.add_argument("--compile", action="store_true",
                        help=f"torch.compile {what} as one graph: a graph break or too many recompilations is an "
                             "error, never a silent fallback to eager code. Off by default: on one CPU core DiT-S/2 "
-                            "sampled 0.98x (fp32) and 1.10x (bf16) as fast end to end with it, its denoiser alone "
-                            "1.2-1.3x, after about 40 s of compiling (README, Speed). DiT and SiT; MAR is refused "
+                            "sampled 0.98x (fp32) and 1.10x (bf16 autocast) as fast end to end with it, its denoiser "
+                            "alone 1.2-1.3x, and 1.07x on the bf16 inference path, after about 40 s of compiling "
+                            "(README, Speed). DiT and SiT; MAR is refused "
                             f"(data-dependent shapes of its random masking, Python loops in its sampler){refused}")
     group.add_argument("--compile-backend", choices=list(COMPILE_BACKENDS), default="inductor",
                        help="inductor generates code; aot_eager and eager capture the graph without generating code "
