@@ -22,7 +22,7 @@ import sample
 import sample_ddp
 import train
 import train_masked_kd
-from tinyfusion.checkpoint import save_model
+from tinyfusion.checkpoint import read_checkpoint, save_model
 from tinyfusion.cli import run_script
 from tinyfusion.errors import UserError
 from tinyfusion.options import TrainOptions
@@ -112,8 +112,8 @@ def test_train_py_compiled_trains_the_same_weights_under_their_own_names(files, 
     assert len(losses("compiled")) == 3
     assert_fp32_close(torch.tensor(losses("compiled")), torch.tensor(losses("eager")))
     for name in ("eager.pt", "compiled.pt", "compiled/checkpoints/step-0000003.pt"):
-        assert not any("_orig_mod" in k for k in torch.load(tmp_path / name, weights_only=False)["model"])
-    eager, compiled = (torch.load(tmp_path / f"{run}.pt", weights_only=False) for run in ("eager", "compiled"))
+        assert not any("_orig_mod" in k for k in read_checkpoint(tmp_path / name)["model"])
+    eager, compiled = (read_checkpoint(tmp_path / f"{run}.pt") for run in ("eager", "compiled"))
     for weights in ("model", "ema"):
         assert list(compiled[weights]) == list(eager[weights])
         for key, value in eager[weights].items():
