@@ -19,7 +19,8 @@ model's weights as `python -m tinyfusion.diffusers_io export` writes them (a row
 must be a DiT that diffusers can express).
 
 How close to the hardware: the run first measures the device's matmul peak (GFLOP/s of a --peak-size square GEMM
-in fp32, bf16, and fp16 on CUDA, the fastest of 3 calls); each row gives its GFLOP/s (FLOPs with attention, as its
+in fp32, bf16, and fp16 on CUDA, the fastest of 3 calls; measured again at the end of the run, and the faster of
+the two counts, since a shared host drifts); each row gives its GFLOP/s (FLOPs with attention, as its
 path computes it, over the median latency), their fraction of the peak of its precision, and the shares of its time
 in matmul and in attention ops (torch's profiler, self times, one more call), the largest other ops in the JSON.
 A bf16 or fp16 row runs on the inference path the sampling scripts take (column path: held) and under autocast
