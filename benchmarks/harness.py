@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import math
 import os
@@ -51,7 +52,7 @@ from models import (
     unwrap,
 )
 from models.attention import attention_modules, flex_block_mask, pooled_grid, resolve_path, tile_layout
-from models.compiling import CompiledModel
+from models.compiling import CompiledModel, check_compilable
 from processes import NoiseProcess, create_process
 from tinyfusion.args import positive_int
 from tinyfusion.checkpoint import LoadedModel, load_model
@@ -656,7 +657,8 @@ TRAINING_TASKS = ("train", "kd", "prune-lora", "prune-full")
 
 def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv, warmup: int, repeats: int,
                    lora_rank: int, log: logging.Logger, checkpointing: Sequence[bool] = (False,),
-                   tasks: Sequence[str] = TRAINING_TASKS) -> dict:
+                   tasks: Sequence[str] = TRAINING_TASKS, compile_modes: Sequence[bool] = (False,),
+                   compile_backend: str = "inductor") -> dict:
     """Step cost of the three training scripts' tasks on one model and batch.
 
     - train: plain diffusion training of the model;
@@ -674,7 +676,10 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
     `reset`), and "step_mib" that peak less what was held when the task's steps began (its models
     built): the memory of the steps themselves (activations, gradients, optimizer state), which
     checkpointing lowers. On CPU the resident set left by earlier tasks drifts, so "step_mib" is the
-    figure to compare.
+    figure to compare. Each setting runs once per entry of `compile_modes`: uncompiled, then with the trained
+    model's forward compiled as the scripts' --compile compiles it (`Trainer` with `compile_backend`); a compiled
+    row's first step (compiling the forward and, at its backward, the backward) is timed apart ("compile_s") and
+    "compile_speedup" is its speed over the same task's uncompiled row.
     """
     process = create_process(bm.process)
     results: dict = {"model": bm.name, "batch": batch_size, "precision": precision, "device": env.device.type}
@@ -684,17 +689,25 @@ def bench_training(bm: BenchModel, batch_size: int, precision: str, env: DistEnv
         x, y = (torch.stack(v).to(env.device) for v in zip(*(dataset[i] for i in range(batch_size))))
         bench = _TrainingBench(bm, dataset, process, x, y, precision, env, warmup, repeats, Path(tmp), log)
         rows = []
-        for checkpointed in checkpointing:
-            bench.checkpointing = checkpointed
+        uncompiled: dict[tuple[str, bool], float] = {}
+        for checkpointed, compiled in itertools.product(checkpointing, compile_modes):
+            bench.checkpointing, bench.compile_backend = checkpointed, compile_backend if compiled else None
             pruning = [mode for mode in ("lora", "full") if f"prune-{mode}" in tasks]
             train = bench.train() if "train" in tasks or pruning else None
-            rows += ([train] if train else []) + ([bench.kd()] if "kd" in tasks else [])
+            setting = ([train] if train else []) + ([bench.kd()] if "kd" in tasks else [])
             for mode in pruning:
                 row, fraction = bench.prune(mode, lora_rank)
                 row["vs_train"] = row["seconds_per_step"] / train["seconds_per_step"]
-                rows.append(row)
+                setting.append(row)
                 if fraction is not None:
                     results["lora_rank"], results["lora_trainable_fraction"] = lora_rank, fraction
+            for row in setting:
+                key = (row["task"], checkpointed)
+                if not compiled:
+                    uncompiled[key] = row["seconds_per_step"]
+                elif key in uncompiled:
+                    row["compile_speedup"] = uncompiled[key] / row["seconds_per_step"]
+            rows += setting
     results["rows"] = rows
     results["memory"] = rows[0]["memory"]
     return results
@@ -708,6 +721,7 @@ class _TrainingBench:
         self.precision, self.env, self.warmup, self.repeats, self.tmp, self.log = (
             precision, env, warmup, repeats, tmp, log)
         self.checkpointing = False
+        self.compile_backend: str | None = None  # the trained model's forward compiled with this backend
 
     def fresh(self) -> nn.Module:
         torch.manual_seed(0)
@@ -720,17 +734,21 @@ class _TrainingBench:
 
     def time_steps(self, name: str, model: nn.Module, params: list, task) -> dict:
         config = TrainConfig(run_dir=self.tmp / name, global_batch_size=len(self.x), total_steps=10**9, lr=1e-4,
-                             precision=self.precision, ema_decay=0.999)
+                             precision=self.precision, ema_decay=0.999, compile_backend=self.compile_backend)
         trainer = Trainer(env=self.env, model=model, param_groups=[{"params": params}], task=task,
                           dataset=self.dataset, config=config, process=self.process, settings={}, logger=self.log,
                           record=dict)
         model.train()
+        step = functools.partial(trainer.train_step, self.x, self.y)
         with peak_memory(self.env.device, reset=True) as memory:
-            seconds = statistics.median(time_call(lambda: trainer.train_step(self.x, self.y), self.env.device,
-                                                  self.warmup, self.repeats))
-        row = {"task": name, "grad_checkpointing": self.checkpointing, "seconds_per_step": seconds,
-               "steps_per_s": 1 / seconds, "images_per_s": len(self.x) / seconds, "peak_mib": memory["peak_mib"],
-               "memory": memory["memory"]}
+            # compiled: the first step compiles (the forward, then at its backward pass the backward), timed apart
+            first = time_call(step, self.env.device, 0, 1)[0] if self.compile_backend else None
+            seconds = statistics.median(time_call(step, self.env.device, self.warmup, self.repeats))
+        row = {"task": name, "grad_checkpointing": self.checkpointing, "compile": self.compile_backend is not None,
+               "seconds_per_step": seconds, "steps_per_s": 1 / seconds, "images_per_s": len(self.x) / seconds,
+               "peak_mib": memory["peak_mib"], "memory": memory["memory"]}
+        if first is not None:
+            row["compile_backend"], row["compile_s"] = self.compile_backend, first
         if "start_mib" in memory:  # the step's own: activations, gradients, optimizer state (the models were built)
             row["step_mib"] = memory["peak_mib"] - memory["start_mib"]
         self.log.info(format_table([row], TRAINING_COLUMNS, header=False))
@@ -785,9 +803,10 @@ FORWARD_COLUMNS = [("model", "{}"), ("depth", "{}"), ("params_m", "{:.1f}M"), ("
 SAMPLING_COLUMNS = [("model", "{}"), ("batch", "{}"), ("sampler", "{}"), ("steps", "{}"), ("cfg", "{:g}"),
                     ("precision", "{}"), ("compile", "{}"), ("decoder", "{}"), ("seconds", "{:.2f}"),
                     ("images_per_s", "{:.3g}"), ("compile_speedup", "{:.2f}x"), ("compile_s", "{:.0f}")]
-TRAINING_COLUMNS = [("task", "{}"), ("grad_checkpointing", "{}"), ("seconds_per_step", "{:.4f}"),
+TRAINING_COLUMNS = [("task", "{}"), ("grad_checkpointing", "{}"), ("compile", "{}"), ("seconds_per_step", "{:.4f}"),
                     ("steps_per_s", "{:.2f}"), ("images_per_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
-                    ("step_mib", "{:.0f}"), ("teacher_share", "{:.0%}"), ("vs_train", "{:.2f}x")]
+                    ("step_mib", "{:.0f}"), ("teacher_share", "{:.0%}"), ("vs_train", "{:.2f}x"),
+                    ("compile_speedup", "{:.2f}x"), ("compile_s", "{:.0f}")]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], header: bool = True) -> str:
@@ -897,9 +916,17 @@ def run_training_benchmark(args) -> dict:
     bm = bench_model(args.model, args.image_size // 8, env.device)
     log.info(f"training steps on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     log.info(format_table([], TRAINING_COLUMNS))
-    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
+    modes = {"off": [False], "on": [True], "both": [False, True]}
+    checkpointing, compile_modes = modes[args.grad_checkpointing], modes[args.compile]
+    if True in compile_modes:
+        check_compilable(bm.model, args.compile_backend)  # MAR: refused here, before any task runs
+        if True in checkpointing and any(task.startswith("prune") for task in args.tasks):
+            raise UserError(f"--compile {args.compile} with --grad-checkpointing {args.grad_checkpointing}: gated "
+                            "blocks under checkpointing do not compile (models/compiling.py); drop one of them, or "
+                            "time the pruning tasks in a run of their own")
     results = bench_training(bm, args.batch_size, args.precision, env, args.warmup, args.repeats, args.lora_rank, log,
-                             checkpointing, tasks=args.tasks)
+                             checkpointing, tasks=args.tasks, compile_modes=compile_modes,
+                             compile_backend=args.compile_backend)
     results.update(threads=torch.get_num_threads(), torch=torch.__version__)
     print("\n" + format_table(results["rows"], TRAINING_COLUMNS) + f"\n\npeak_mib: {results['memory']}; step_mib: "
           "the peak less what was held when the task's steps began (its models built)")

@@ -42,6 +42,7 @@ from models import stack_depths, total_depth, unwrap
 from models.attention import NO_ATTENTION_KINDS, attention_modules, describe_attention
 from tinyfusion.errors import UserError
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
+from tinyfusion.options import ScorePruningOptions
 from tinyfusion.sampling import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,8 @@ FAMILIES = {
             "clear": True},
     "mar": {"teacher": "MAR-Nano", "sampler": ["--sampler", "mar", "--num-iter", "8"], "sampling_steps": 250},
 }
+
+TAYLOR_THRESHOLD = ScorePruningOptions.taylor_threshold  # Diff-Pruning's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,10 @@ class Budget:
     decision_seeds: int  # every learned decision is made with this many seeds
     fid_seeds: int  # the teacher is sampled with this many seeds: the spread of its FID
     clear_samples: int  # --clear: the teacher's own samples that CLEAR distils on (recorded only with --clear)
+    # Diff-Pruning's Taylor loop stops after the first timestep whose loss falls below this fraction of the largest
+    # (prune_by_score.py --taylor-threshold; 0.05 is Diff-Pruning's). The smoke run's teacher, 40 steps old, never
+    # gets there: all 1000 timesteps, 150 s of the smoke run's 10 minutes on 2 cores; 0.3 stops it after 150.
+    taylor_threshold: float
 
 
 # Measured on 2 CPU cores: what DiT-Nano/2 learns in a fixed time depends on the number of updates
@@ -95,10 +102,11 @@ class Budget:
 STOP_CONFIDENCE = 0.9
 DEFAULT = Budget(teacher_steps=4000, teacher_lr=2e-3, batch_size=64, prune_steps=300, recover_steps=250,
                  recover_lr=5e-4, num_samples=898, sampling_steps=10, cfg_scale=2.0, classifier_epochs=10,
-                 ema_decay=0.995, wide_prune_steps=3000, decision_seeds=3, fid_seeds=3, clear_samples=2048)
+                 ema_decay=0.995, wide_prune_steps=3000, decision_seeds=3, fid_seeds=3, clear_samples=2048,
+                 taylor_threshold=TAYLOR_THRESHOLD)
 FAST = Budget(teacher_steps=40, teacher_lr=2e-3, batch_size=64, prune_steps=8, recover_steps=8,
               recover_lr=5e-4, num_samples=64, sampling_steps=4, cfg_scale=2.0, classifier_epochs=2, ema_decay=0.9,
-              wide_prune_steps=16, decision_seeds=2, fid_seeds=2, clear_samples=128)
+              wide_prune_steps=16, decision_seeds=2, fid_seeds=2, clear_samples=128, taylor_threshold=0.3)
 # The budget fields of the CLEAR stage: a folder records them once it runs the stage (--clear), so a folder made
 # before the stage existed, or without --clear, stays valid.
 CLEAR_FIELDS = ("clear_samples",)
@@ -331,6 +339,8 @@ class Quickstart:
     def settings(self) -> dict:
         budget = dataclasses.asdict(self.budget)
         clear = {k: budget.pop(k) for k in CLEAR_FIELDS}
+        if budget["taylor_threshold"] == TAYLOR_THRESHOLD:
+            del budget["taylor_threshold"]  # folders made before the field existed stay valid
         settings = {"budget": budget, "data_path": self.data_path, "image_size": self.image_size, "seed": self.seed,
                     **({"clear": clear} if self.clear else {}),
                     **({"device": self.device} if self.device != "cpu" else {})}  # CPU folders stay valid
@@ -521,7 +531,8 @@ class Quickstart:
             shutil.copy(self.path("runs", f"prune-{name}", "decisions.png"), self.path(f"decisions-{name}.png"))
         elif method in WIDTH_METHODS:
             self.script(f"prune-{method}", ["prune_by_score.py", "--ckpt", str(teacher), "--width-ratio",
-                                            str(WIDTH_RATIO), "--width-criterion", "taylor", "--data-path",
+                                            str(WIDTH_RATIO), "--width-criterion", "taylor", "--taylor-threshold",
+                                            str(b.taylor_threshold), "--data-path",
                                             str(self.path("data", "features")), "--batch-size", str(b.batch_size),
                                             "--global-seed", str(self.seed), "--save-model", str(out)],
                         distributed=True, output=out)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 
 
 def dit_flops(depth: int, hidden: int, tokens: int, channels: int = 4, patch: int = 2) -> int:
@@ -147,3 +147,35 @@ def test_the_training_benchmark_compares_activation_checkpointing(tmp_path):
     assert result["memory"] == "process peak RSS, reset at the start"  # Linux: the mark reset per task
     for task in ("train", "prune-lora", "prune-full"):
         assert rows[task, True]["step_mib"] < 0.8 * rows[task, False]["step_mib"], task
+
+
+def test_the_training_benchmark_compares_compiled_steps(tmp_path):
+    """--compile both: every task uncompiled, then with the trained model's forward compiled (here by dynamo with
+    the eager backend, which captures the graph without generating code: the check that the tasks compile, cheaply);
+    the compiled row's first step is timed apart and its speed compared with the uncompiled row of its task."""
+    out = tmp_path / "training.json"
+    run_cli(["-m", "benchmarks.training", "--model", "DiT-Nano/2", "--image-size", "64", "--batch-size", "4",
+             "--compile", "both", "--compile-backend", "eager", "--tasks", "train", "prune-lora", "--warmup", "0",
+             "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    tasks = ["train", "prune-lora"]
+    assert [(r["task"], r["compile"]) for r in result["rows"]] == (
+        [(t, False) for t in tasks] + [(t, True) for t in tasks])
+    rows = {(r["task"], r["compile"]): r for r in result["rows"]}
+    for task in tasks:
+        eager, compiled = rows[task, False], rows[task, True]
+        assert "compile_s" not in eager and "compile_speedup" not in eager
+        assert compiled["compile_backend"] == "eager" and compiled["compile_s"] > 0
+        assert compiled["compile_speedup"] == pytest.approx(eager["seconds_per_step"] / compiled["seconds_per_step"],
+                                                            rel=1e-12)
+
+
+def test_the_training_benchmark_refuses_what_does_not_compile(tmp_path):
+    """Before any task runs: gated blocks under checkpointing, and MAR (data-dependent shapes)."""
+    base = ["-m", "benchmarks.training", "--image-size", "64", "--batch-size", "2", "--device", "cpu",
+            "--compile", "on", "--out", str(tmp_path / "t.json")]
+    proc = run_cli([*base, "--model", "DiT-Nano/2", "--grad-checkpointing", "both"], check=False)
+    one_line_error(proc, 2, "--compile on", "--grad-checkpointing both", "gated blocks")
+    proc = run_cli([*base, "--model", "MAR-Nano", "--tasks", "train"], check=False)
+    one_line_error(proc, 2, "--compile", "MAR")
+    assert not (tmp_path / "t.json").exists()

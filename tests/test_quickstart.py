@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 
 import pytest
@@ -56,6 +57,10 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     width = rows["diff-pruning + masked KD"]
     assert width["kept"] == list(range(8)) and width["rank"] is None
     assert 0.5 < width["params_m"] / rows["teacher"]["params_m"] < 0.9  # the blocks' attention and MLP halved
+    # the smoke run's Taylor loop ends at its own threshold, before the 1000 timesteps its young teacher would need
+    log = (out / "logs" / "prune-diff-pruning.log").read_text()
+    assert f"--taylor-threshold {FAST.taylor_threshold}" in log
+    assert 0 < int(re.search(r"Taylor loop: (\d+) timesteps", log).group(1)) < 1000
     assert rows["teacher"]["latency_ms"] != width["latency_ms"]
     for method in methods:
         assert (out / "models" / f"{method}.pt").is_file() and (out / "models" / f"{method}+kd.pt").is_file()
