@@ -17,7 +17,7 @@ scripts (torchrun for the distributed ones). Results: OUT/results.md and .json, 
 OUT/grids, TinyFusion's decision plots in OUT/decisions-*.png.
 """
 
-from pipelines.quickstart import run_quickstart
+from pipelines.quickstart import DEFAULT_LAUNCH, LAUNCHES, run_quickstart
 from tinyfusion.args import Parser
 from tinyfusion.cli import run_script
 
@@ -45,6 +45,11 @@ def parse_args(argv=None):
     parser.add_argument("--exhaustive", action="store_true",
                         help="also cut every 1:2 pattern from the teacher (16 for 8 blocks), recover each with the "
                              "same budget, and rank every method's pick among them (about 13 minutes more)")
+    parser.add_argument("--launch", choices=LAUNCHES, default=DEFAULT_LAUNCH,
+                        help="how a one-process step starts: fork (Linux: from a process of the run's that has "
+                             "imported torch, which saves each of the ~70 steps the 4-5 s of CPU that starting and "
+                             "ending python with torch costs) or spawn (a new python process); torchrun's steps "
+                             "start their own")
     parser.add_argument("--clear", action="store_true",
                         help="also give the teacher CLEAR's local attention (radius: a quarter of its token grid's "
                              "side, at least 2), its attention layers distilled on its own samples with the recovery "

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from models import stack_depths, total_depth, unwrap
 from models.attention import NO_ATTENTION_KINDS, attention_modules, describe_attention
+from tinyfusion import launcher
 from tinyfusion.errors import UserError
 from tinyfusion.fileio import atomic_write, atomic_write_json, setting_differences
 from tinyfusion.options import ScorePruningOptions
@@ -120,6 +121,8 @@ METHODS = ("learned-1-2", "learned-4-8", "bi", "loss", "oracle", "random")
 # recovery budget.
 WIDTH_METHODS = ("diff-pruning",)
 DEVICES = ("cpu", "cuda")
+LAUNCHES = ("fork", "spawn")
+DEFAULT_LAUNCH = "fork" if launcher.AVAILABLE else "spawn"
 # Scripts that run on the CPU whatever the device (cutting blocks out of a file).
 NO_DEVICE_FLAG = ("prune_by_index.py",)
 WIDTH_RATIO = 0.5
@@ -243,10 +246,15 @@ class Quickstart:
         clear: also give the teacher CLEAR's local attention, distilled on its own samples (DiT, SiT).
         device: "cpu", or "cuda": every script on the GPU, trained and sampled in bf16 (autocast in training, the
             inference path in sampling), the distributed scripts under torchrun even with one process (NCCL).
+        launch: how a step that runs as plain python starts: "fork", forked from a process of the run's that has
+            imported torch (tinyfusion/launcher.py: the same process, without the 4-5 s of CPU that importing torch
+            and ending a process that holds it cost each of the ~70 steps; Linux), or "spawn", a new python process.
+            torchrun launches its own processes.
     """
 
     def __init__(self, out: Path, budget: Budget, nproc: int, data_path: str | None, image_size: int, seed: int,
-                 family: str = "dit", exhaustive: bool = False, clear: bool = False, device: str = "cpu"):
+                 family: str = "dit", exhaustive: bool = False, clear: bool = False, device: str = "cpu",
+                 launch: str = DEFAULT_LAUNCH):
         if family not in FAMILIES:
             raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         if clear and not FAMILIES[family].get("clear"):
@@ -262,6 +270,14 @@ class Quickstart:
                              "runs on CPU), or run on a machine with a GPU and a CUDA build of torch")
         self.device = device
         self.precision = "bf16" if device == "cuda" else "fp32"
+        if launch not in LAUNCHES:
+            raise UserError(f"--launch {launch!r}: choose one of {', '.join(LAUNCHES)}")
+        if launch == "fork" and not launcher.AVAILABLE:
+            raise UserError(f"--launch fork forks each step from a process that has imported torch, which this "
+                             f"platform ({sys.platform}) does not do safely; use --launch spawn")
+        self.launch = launch
+        self._servers: list[launcher.ForkServer] = []  # one per thread that runs steps (_fork_server)
+        self._local = threading.local()
         # The rows' methods: depth pruning to half the blocks, and width pruning where the family allows it.
         self.methods = METHODS + (WIDTH_METHODS if FAMILIES[family].get("width") else ())
         self.data_path, self.image_size = data_path, image_size
@@ -295,17 +311,35 @@ class Quickstart:
         start = time.time()
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
-            f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if self.launch == "fork" and cmd[1:3] != ["-m", "torch.distributed.run"]:  # torchrun starts its own
+            returncode = self._fork_server(env).run(cmd[1:], cwd=REPO, env=env, stdout=log, append=True)
+        else:
+            with open(log, "a") as f:
+                returncode = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         seconds = time.time() - start
-        if proc.returncode != 0:
+        if returncode != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-            raise StepFailed(f"step {name!r} failed (exit code {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}\n"
+            raise StepFailed(f"step {name!r} failed (exit code {returncode}):\n$ {' '.join(cmd)}\n{tail}\n"
                              f"(full output: {log})")
         with self._lock:
             self.times[name] = seconds
             atomic_write_json(self.times_file, self.times)
         self._advance()
+
+    def _fork_server(self, env: dict[str, str]) -> launcher.ForkServer:
+        """The calling thread's fork server (a thread runs one step at a time; `together` runs `jobs` threads)."""
+        server = getattr(self._local, "server", None)
+        if server is None:
+            server = self._local.server = launcher.ForkServer(env, REPO)
+            with self._lock:
+                self._servers.append(server)
+        return server
+
+    def close(self) -> None:
+        """Ends the fork servers."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
 
     def command(self, args: list[str], *, distributed: bool) -> list[str]:
         """The command line of a step: torchrun for a distributed script with several processes (on CUDA with one
@@ -731,7 +765,8 @@ class Quickstart:
                   "patterns": [{"kept": list(k), "fid_after": v} for k, v in ordered],
                   "best_pattern": {"kept": list(ordered[0][0]), "fid_after": ordered[0][1]} if ordered else None,
                   "feature_space": feature_space, "budget": dataclasses.asdict(self.budget),
-                  "nproc": self.nproc, "jobs": self.jobs, "device": self.device, "precision": self.precision,
+                  "nproc": self.nproc, "jobs": self.jobs, "launch": self.launch, "device": self.device,
+                  "precision": self.precision,
                   "step_seconds": self.times,
                   "wall_seconds": time.time() - self.started}
         atomic_write_json(self.path("results.json"), result)
@@ -827,13 +862,15 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     out = args.out or default_out(args.family, args.fast, args.device)
     quickstart = Quickstart(Path(out), budget, nproc, args.data_path, args.image_size, args.seed, args.family,
-                            exhaustive=args.exhaustive, clear=args.clear, device=args.device)
+                            exhaustive=args.exhaustive, clear=args.clear, device=args.device, launch=args.launch)
     start = time.time()
     try:
         result = quickstart.run()
     except StepFailed as e:
         print(f"\n{e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        quickstart.close()
     print("\n" + format_report(result))
     print(f"quickstart finished in {time.time() - start:.0f} s; results in {out}/results.md, grids in "
           f"{out}/grids, decision plots in {out}/decisions-*.png")

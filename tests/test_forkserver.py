@@ -1,4 +1,5 @@
-"""The tests' fork server (helpers/forkserver.py) gives a script what a new process gives it."""
+"""The fork server (tinyfusion/launcher.py, the tests' helpers/forkserver.py) gives a script what a new process
+gives it."""
 
 import subprocess
 import sys
@@ -78,3 +79,21 @@ def test_what_torch_reads_at_import_starts_a_new_process(script, tmp_path):
     proc = run_cli([str(script), "ok"], cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
     assert "threads 2" in proc.stdout
     assert SCRIPT_ENV["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_step_log_gets_the_output_after_its_command_line(script, tmp_path):
+    """The quickstart's way: stdout and stderr into one log that already holds the command line (appended)."""
+    from tinyfusion.launcher import ForkServer
+
+    server = ForkServer(BASE_ENV, ROOT)
+    try:
+        log = tmp_path / "step.log"
+        log.write_text("$ the command\n")
+        assert server.run([str(script), "ok"], cwd=tmp_path, env=dict(BASE_ENV), stdout=log, append=True) == 0
+        lines = log.read_text().splitlines()
+        assert lines[0] == "$ the command" and "to stderr" in lines and lines[-1] == "atexit ran"
+        with pytest.raises(ValueError, match="environment differs"):
+            server.run([str(script), "ok"], cwd=tmp_path, env={**BASE_ENV, "OMP_NUM_THREADS": "2"}, stdout=log)
+    finally:
+        server.close()
+    assert server.proc.returncode == 0

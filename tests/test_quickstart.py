@@ -74,6 +74,7 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert set(result["step_seconds"]) >= {"extract_features", "teacher", "evaluate", "latency"}
     # --fast runs one process per script and so as many scripts at a time as there are cores
     assert result["nproc"] == 1 and result["jobs"] == (os.cpu_count() or 1)
+    assert result["launch"] == "fork"  # every step here is one process: each forked from a server of the run's
     # every step ran in this run, at most `jobs` at a time: the wall-clock time holds each, and their sum over jobs
     times = result["step_seconds"].values()
     assert result["wall_seconds"] >= max(times) and result["wall_seconds"] >= sum(times) / result["jobs"]
@@ -211,14 +212,22 @@ def test_mar_score_baselines_keep_half_of_each_stack(tmp_path):
     assert quickstart.half_depth() == ["4"]
 
 
-def test_a_failing_step_stops_with_its_command_and_output(tmp_path):
-    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0)
-    with pytest.raises(StepFailed) as info:
-        quickstart.script("broken", ["evaluator.py", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")],
-                          distributed=False)
+@pytest.mark.parametrize("launch", ["fork", "spawn"])
+def test_a_failing_step_stops_with_its_command_and_output(tmp_path, launch):
+    """Forked from the run's server or started as a new process, a step's log holds its command line, then its
+    output (standard error included), and a failure quotes both."""
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, launch=launch)
+    try:
+        with pytest.raises(StepFailed) as info:
+            quickstart.script("broken", ["evaluator.py", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")],
+                              distributed=False)
+    finally:
+        quickstart.close()
     message = str(info.value)
-    assert "step 'broken' failed" in message and "evaluator.py" in message and "missing.npz" in message
-    assert (tmp_path / "logs" / "broken.log").is_file()
+    assert "step 'broken' failed (exit code 2)" in message and "evaluator.py" in message and "missing.npz" in message
+    log = (tmp_path / "logs" / "broken.log").read_text().splitlines()
+    assert log[0].startswith("$ ") and "evaluator.py" in log[0] and any("missing.npz" in line for line in log[1:])
+    assert "broken" not in quickstart.times
 
 
 def test_an_existing_teacher_is_reused(tmp_path):
