@@ -292,6 +292,9 @@ class Quickstart:
         self.threads = max(1, cores // (nproc * self.jobs))
         self._lock = threading.Lock()
         self._bar: tqdm | None = None
+        # Every step's environment, fixed now: libraries the run imports later add variables of their own to
+        # os.environ (scikit-learn's KMP_*), and a step forked from a server must have the server's environment.
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(self.threads)}
 
     # ----------------------------------------------------------------- running scripts
 
@@ -304,7 +307,7 @@ class Quickstart:
         cmd = self.command(args, distributed=distributed)
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(self.threads)}
+        env = self.env
         with self._lock:
             if self._bar is not None:
                 self._bar.set_postfix_str(name)

@@ -230,6 +230,20 @@ def test_a_failing_step_stops_with_its_command_and_output(tmp_path, launch):
     assert "broken" not in quickstart.times
 
 
+def test_steps_keep_the_environment_the_run_started_with(tmp_path, monkeypatch):
+    """scikit-learn adds KMP_* variables to os.environ when the run loads the digits: the steps forked after it still
+    run in the environment of their server, the run's."""
+    quickstart = Quickstart(tmp_path, FAST, nproc=1, data_path=None, image_size=8, seed=0, launch="fork")
+    try:
+        quickstart.script("first", ["evaluator.py", "--help"], distributed=False)
+        monkeypatch.setenv("KMP_INIT_AT_FORK", "FALSE")
+        quickstart.script("second", ["evaluator.py", "--help"], distributed=False)
+    finally:
+        quickstart.close()
+    assert set(quickstart.times) == {"first", "second"}
+    assert "usage: evaluator.py" in (tmp_path / "logs" / "second.log").read_text()
+
+
 def test_an_existing_teacher_is_reused(tmp_path):
     teacher = tmp_path / "models" / "teacher.pt"
     save_model(teacher, tiny_dit())
