@@ -76,7 +76,11 @@ def no_network_path(tmp_path: Path) -> str:
 # What the scripts' processes get: the repository importable, and one thread each (several run at once).
 SCRIPT_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # The environment of a run that asks for nothing else: single-process runs in it are forked from a process that has
-# imported torch (helpers/forkserver.py), the same run without the 3.5 s of the import.
+# imported torch (helpers/forkserver.py), the same run without the 3.5 s of the import. scikit-learn adds KMP_*
+# variables to os.environ when it is imported (the digits): imported first, so that a test loading them in this
+# process leaves the environment of the runs after it as it was.
+import sklearn  # noqa: E402,F401
+
 BASE_ENV = {**os.environ, **SCRIPT_ENV}
 
 
