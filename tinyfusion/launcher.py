@@ -57,7 +57,7 @@ class ForkServer:
     def __init__(self, env: dict[str, str], cwd: str | os.PathLike, preload: Sequence[str] = PRELOAD):
         self.env = dict(env)
         self.proc = subprocess.Popen([sys.executable, "-m", "tinyfusion.launcher", *preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env, cwd=cwd)
+                                     stdout=subprocess.PIPE, env=self.env, cwd=cwd)  # its stderr: the caller's
         self._pending = b""
         self._reply("ready")
 
