@@ -838,6 +838,10 @@ def _diffusers_dit(reference: BenchModel, device: torch.device) -> BenchModel:
                       reference.config, reference.process)
 
 
+# An off|on|both flag (--compile, --grad-checkpointing): the settings each row is timed in, in order.
+SWITCH_MODES = {"off": [False], "on": [True], "both": [False, True]}
+
+
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     """The options the timing benchmarks take: latent size, device, warm-up and timed calls, JSON output."""
     parser.add_argument("--image-size", type=int, default=256, help="for registry models: latent size = this / 8")
@@ -873,7 +877,7 @@ def run_forward_benchmark(args) -> dict:
     sampled = list(models)  # diffusers' DiT has no sampler of ours
     if args.compare_diffusers:
         models.append(_diffusers_dit(models[0], env.device))
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compile_modes = SWITCH_MODES[args.compile]
     log.info(f"forward on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     size = args.peak_size or default_peak_size(env.device)
     calls = min(args.repeats, PEAK_CALLS)
@@ -916,8 +920,7 @@ def run_training_benchmark(args) -> dict:
     bm = bench_model(args.model, args.image_size // 8, env.device)
     log.info(f"training steps on {env.device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     log.info(format_table([], TRAINING_COLUMNS))
-    modes = {"off": [False], "on": [True], "both": [False, True]}
-    checkpointing, compile_modes = modes[args.grad_checkpointing], modes[args.compile]
+    checkpointing, compile_modes = SWITCH_MODES[args.grad_checkpointing], SWITCH_MODES[args.compile]
     if True in compile_modes:
         check_compilable(bm.model, args.compile_backend)  # MAR: refused here, before any task runs
         if True in checkpointing and any(task.startswith("prune") for task in args.tasks):

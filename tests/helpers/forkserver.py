@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tinyfusion.launcher import AVAILABLE, ForkServer, import_time_env
+from tinyfusion.launcher import AVAILABLE, ForkServer
 
 ENABLED = AVAILABLE and os.environ.get("TINYFUSION_TESTS_FORK", "1") != "0"
 _servers: list[ForkServer] = []
@@ -25,11 +25,13 @@ def forked_run(args: list[str], cwd: Path, env: dict[str, str], base_env: dict[s
                ) -> subprocess.CompletedProcess | None:
     """`python *args` in `cwd` with `env`, forked from the server started with `base_env`, as subprocess.run with
     captured text output returns it; or None where a fork cannot stand for a new process."""
-    if not ENABLED or args[:1] == ["-c"] or import_time_env(env) != import_time_env(base_env):
+    if not ENABLED or args[:1] == ["-c"]:
         return None
     if not _servers:
         _servers.append(ForkServer(base_env, cwd))
         atexit.register(_servers[0].close)
+    if not _servers[0].accepts(env):
+        return None
     cmd = [sys.executable, *args]
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
